@@ -1,0 +1,67 @@
+"""The deploy-bundle contract shared by ``export`` (writer) and ``serving`` (reader).
+
+A bundle is a directory::
+
+    manifest.json                 # this module documents its keys
+    image_encoder.onnx            # pixel_values float32 [B,3,H,W] -> image_embeds float32 [B,D], L2-normalised
+    text_encoder.onnx             # input_ids int64 [N,L] -> text_embeds float32 [N,D], L2-normalised
+                                  #   (one file per prompt set: text_encoder_<k>.onnx when a method has several)
+    class_embeddings.safetensors  # key "class_embeddings": [C, D] float32 (one key per prompt set:
+                                  #   "class_embeddings_<k>"), row order = manifest["classes"]["names"]
+    bpe_simple_vocab_16e6.txt.gz  # the CLIP BPE vocabulary the tokenizer reads
+
+manifest.json keys (format_version 1)::
+
+    format: "promptclip.bundle"
+    format_version: int            # readers refuse a bundle whose min_reader_version > READER_VERSION
+    min_reader_version: int
+    created_by: {promptclip, torch, open_clip, onnx, ...}  versions, informative
+    method: {name, config: {...}, capabilities: {text_depends_on_image, num_prompt_sets,
+             class_bound, finetuned_image_tower}}
+    backbone: {name, pretrained, weights_sha256}
+    embedding_dim: int
+    logit_scale: float             # multiply cosine similarities by this to get logits
+    preprocessing: {image_size: [H, W], resize_mode: "shortest"|"longest"|"squash",
+                    interpolation: "bicubic"|"bilinear"|"nearest", mean: [3], std: [3], fill_color: int}
+    text: {tokenizer: "clip-bpe", vocab_file, vocab_sha256, context_length: int,
+           templates: [str, ...]  (one per prompt set, "{}" marks the class name),
+           max_name_tokens: int}
+    classes: {names: [...], file: "class_embeddings.safetensors", sha256}
+    graphs: {image: GraphSpec, text: [GraphSpec, ...]}
+        GraphSpec = {file, sha256, opset, exporter, inputs: [{name, dtype, shape}], outputs: [...]}
+    engines: [{graph, file, tensorrt_version, compute_capability, precision}]   (host-specific cache)
+    parity: {image: {...}, text: {...}}   measured ORT-vs-torch figures written by export
+"""
+from __future__ import annotations
+
+BUNDLE_FORMAT = "promptclip.bundle"
+#: Version this code writes.
+BUNDLE_FORMAT_VERSION = 1
+#: Newest ``min_reader_version`` this reader understands.
+READER_VERSION = 1
+
+MANIFEST_FILE = "manifest.json"
+CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
+IMAGE_GRAPH_FILE = "image_encoder.onnx"
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+IMAGE_INPUT = "pixel_values"
+IMAGE_OUTPUT = "image_embeds"
+TEXT_INPUT = "input_ids"
+TEXT_OUTPUT = "text_embeds"
+
+#: Keys a format-1 manifest may hold at top level; readers warn once on others.
+KNOWN_MANIFEST_KEYS = frozenset({
+    "format", "format_version", "min_reader_version", "created_by", "method", "backbone",
+    "embedding_dim", "logit_scale", "preprocessing", "text", "classes", "graphs", "engines", "parity",
+})
+
+
+def text_graph_file(prompt_set: int, num_prompt_sets: int) -> str:
+    """File name of the text graph of ``prompt_set``."""
+    return "text_encoder.onnx" if num_prompt_sets == 1 else f"text_encoder_{prompt_set}.onnx"
+
+
+def class_embeddings_key(prompt_set: int, num_prompt_sets: int) -> str:
+    """Key of ``prompt_set``'s class embeddings inside ``class_embeddings.safetensors``."""
+    return "class_embeddings" if num_prompt_sets == 1 else f"class_embeddings_{prompt_set}"
