@@ -1,0 +1,67 @@
+"""Shared session fixtures: a tiny random-init CLIP, a tiny labelled image set, trained artifacts, bundles.
+
+Nothing here downloads: HF_HUB_OFFLINE and BENTOML_DO_NOT_TRACK are set before anything imports open_clip/bentoml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+
+TINY = "tiny-test"
+
+
+def tiny_method_config(method_name: str) -> dict:
+    """Method config overrides that fit the 2-layer tiny backbone (depth options clamped to 2)."""
+    from training.methods import get_method_class
+
+    cls = get_method_class(method_name)
+    out = {}
+    for f in dataclasses.fields(cls.config_cls):
+        if f.name.startswith("depth") and isinstance(f.default, int) and f.default > 2:
+            out[f.name] = 2
+    return out
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    """A small ImageFolder (train/test) of coloured shapes at 32 px, 8 classes."""
+    from training.data import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(root, train_per_class=4, test_per_class=2, size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, shapes_root):
+    """method name -> TrainRunResult, every registered method trained a few steps on the base classes."""
+    from training.engine import TrainConfig
+    from training.methods import list_methods
+    from training.workflow import train_run
+
+    out = {}
+    cfg = TrainConfig(epochs=1, max_steps=3, batch_size=8, lr=0.01, precision="fp32", device="cpu", seed=1)
+    for name in list_methods():
+        run_dir = tmp_path_factory.mktemp(f"run-{name}")
+        out[name] = train_run(method_name=name, data_root=shapes_root, out_dir=run_dir, backbone_name=TINY,
+                              method_config=tiny_method_config(name), train_config=cfg, shots=4, subsample="base",
+                              progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, trained):
+    """method name -> exported bundle path (torchscript exporter for speed; dynamo is covered in test_export)."""
+    from export.bundle import export_bundle
+
+    out = {}
+    for name, run in trained.items():
+        out[name] = export_bundle(run.artifact, tmp_path_factory.mktemp(f"bundle-{name}") / "bundle",
+                                  exporter="torchscript")
+    return out

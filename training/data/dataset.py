@@ -1,0 +1,128 @@
+"""Torch datasets over :class:`Sample` lists and a seeded DataLoader factory."""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from training.data.samples import Sample
+from training.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ImageListDataset", "load_rgb", "make_loader"]
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode ``path`` into an RGB PIL image (EXIF orientation applied). Raises :class:`DatasetError`."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except FileNotFoundError as exc:
+        raise DatasetError(f"image file {path} does not exist") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot decode image file {path}: {exc}") from exc
+
+
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor [3, H, W] in [0, 1] (used when no transform is given)."""
+    arr = np.asarray(im, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """``(image tensor [3, H, W], label)`` pairs over a list of :class:`Sample`.
+
+    ``transform`` maps an RGB PIL image to a tensor (e.g. a torchvision/open_clip preprocess);
+    without one, images become float tensors in [0, 1]. ``cache_decoded`` keeps decoded RGB images
+    in memory so small few-shot sets are not re-decoded each epoch (with worker processes, each
+    worker holds its own cache).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], Any] | None,
+        *,
+        cache_decoded: bool = False,
+    ) -> None:
+        self.samples: list[Sample] = list(samples)
+        self.transform = transform
+        self.cache_decoded = cache_decoded
+        self._cache: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        """Labels of all samples, in order."""
+        return [s.label for s in self.samples]
+
+    def load_image(self, index: int) -> Image.Image:
+        """Decoded RGB image of sample ``index`` (from the cache when enabled)."""
+        if self.cache_decoded:
+            im = self._cache.get(index)
+            if im is None:
+                im = load_rgb(self.samples[index].path)
+                self._cache[index] = im
+            return im
+        return load_rgb(self.samples[index].path)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        sample = self.samples[index]
+        im = self.load_image(index)
+        if self.transform is None:
+            return _to_tensor(im), sample.label
+        if self.cache_decoded:
+            im = im.copy()  # a transform must never alter the cached image
+        return self.transform(im), sample.label
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in a DataLoader worker from torch's per-worker seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader whose shuffling (and worker seeding) is reproducible for a given ``seed``.
+
+    ``pin_memory`` defaults to ``torch.cuda.is_available()``; workers persist across epochs
+    when ``num_workers > 0``.
+    """
+    if int(batch_size) < 1:
+        raise DatasetError(f"batch_size must be >= 1, got {batch_size!r}")
+    if int(num_workers) < 0:
+        raise DatasetError(f"num_workers must be >= 0, got {num_workers!r}")
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        num_workers=int(num_workers),
+        drop_last=drop_last,
+        pin_memory=bool(pin_memory),
+        generator=generator,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,54 @@
+"""Method registry: an explicit table built here (no registration by import side effect).
+
+``list_methods()`` lists them; ``create_method(name, backbone, config_dict)`` builds one. Adding a method = one
+module with a :class:`~training.methods.base.PromptMethod` subclass plus one line in ``_METHOD_CLASSES``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from training.backbone import Backbone
+from training.errors import RegistryError
+from training.methods.base import Capabilities, MethodConfig, PromptMethod, TrainBatch
+from training.methods.coop import CoOp
+from training.methods.ivlp import IVLP
+from training.methods.zeroshot import ZeroShot
+
+_METHOD_CLASSES: tuple[type[PromptMethod], ...] = (ZeroShot, CoOp, IVLP)
+
+
+def _build_registry() -> dict[str, type[PromptMethod]]:
+    registry: dict[str, type[PromptMethod]] = {}
+    for cls in _METHOD_CLASSES:
+        if cls.name in registry:
+            raise RegistryError(f"duplicate method name {cls.name!r} ({registry[cls.name].__name__}, {cls.__name__})")
+        registry[cls.name] = cls
+    return registry
+
+
+METHODS: dict[str, type[PromptMethod]] = _build_registry()
+
+
+def list_methods() -> list[str]:
+    """Registered method names, in registry order."""
+    return list(METHODS)
+
+
+def get_method_class(name: str) -> type[PromptMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise RegistryError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}") from None
+
+
+def create_method(name: str, backbone: Backbone, config: Mapping[str, Any] | MethodConfig | None = None) -> PromptMethod:
+    """Build method ``name`` over ``backbone`` with ``config`` (a dict of overrides of the defaults, or a config)."""
+    cls = get_method_class(name)
+    cfg = config if isinstance(config, MethodConfig) else cls.config_cls.from_dict(config)
+    return cls(backbone, cfg)
+
+
+__all__ = [
+    "Capabilities", "METHODS", "MethodConfig", "PromptMethod", "TrainBatch", "create_method", "get_method_class",
+    "list_methods",
+]

@@ -1,0 +1,168 @@
+"""High-level train / evaluate runs used by the CLI, the demo and the protocol runners.
+
+One function per user action: :func:`train_run` (data folder -> prompt artifact with base/new metrics) and
+:func:`evaluate_artifact` (artifact + data folder -> accuracy). Both go through the one loop in ``engine``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from training.artifact import PromptArtifact, load_prompt_artifact, save_prompt_artifact
+from training.backbone import Backbone, create_backbone
+from training.data import (DatasetSplits, ImageListDataset, Sample, make_loader, read_image_folder,
+                           sample_few_shot, subsample_classes)
+from training.engine import TrainConfig, evaluate, train
+from training.errors import DatasetError
+from training.methods import PromptMethod, create_method
+
+log = logging.getLogger(__name__)
+
+
+def eval_transform(backbone: Backbone):
+    """open_clip's eval transform for the backbone's preprocessing (the one serving mirrors in numpy)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    p = backbone.preprocess
+    cfg = PreprocessCfg(size=tuple(p["image_size"]), mean=tuple(p["mean"]), std=tuple(p["std"]),
+                        interpolation=p["interpolation"], resize_mode=p["resize_mode"], fill_color=p["fill_color"])
+    return image_transform_v2(cfg, is_train=False)
+
+
+def train_transform(backbone: Backbone, augment: str):
+    """CoOp-family augmentation: random resized crop (bicubic) + horizontal flip + CLIP normalisation."""
+    if augment == "none":
+        return eval_transform(backbone)
+    from torchvision import transforms as T
+
+    p = backbone.preprocess
+    return T.Compose([
+        T.RandomResizedCrop(tuple(p["image_size"]), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.Lambda(lambda im: im.convert("RGB")),
+        T.ToTensor(),
+        T.Normalize(p["mean"], p["std"]),
+    ])
+
+
+def tokenize_prompts(method: PromptMethod, backbone: Backbone, classnames: list[str], template: str) -> torch.Tensor:
+    """[C, L] token ids of the method's prompt texts for ``classnames``; refuses names too long for the context."""
+    tokenizer = backbone.tokenizer()
+    texts = method.prompt_texts(classnames, template)
+    for name, text in zip(classnames, texts):
+        n = len(tokenizer.encode(text)) + 2
+        if n > backbone.context_length:
+            raise DatasetError(
+                f"class name {name!r} makes a prompt of {n} tokens, over the text context of {backbone.context_length}; "
+                f"shorten the class name (it would be truncated otherwise)"
+            )
+    return tokenizer(texts)
+
+
+@dataclass
+class TrainRunResult:
+    artifact: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _loader(samples: list[Sample], transform, batch_size: int, *, shuffle: bool, seed: int, num_workers: int,
+            cache: bool, drop_last: bool = False):
+    ds = ImageListDataset(samples, transform, cache_decoded=cache)
+    return make_loader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, seed=seed,
+                       drop_last=drop_last)
+
+
+def train_run(
+    *,
+    method_name: str,
+    data_root: str | Path,
+    out_dir: str | Path,
+    backbone_name: str = "ViT-B-16",
+    pretrained: str | None = None,
+    method_config: Mapping[str, Any] | None = None,
+    train_config: TrainConfig | None = None,
+    shots: int = 16,
+    subsample: str = "base",
+    template: str = "a photo of a {}.",
+    evaluate_splits: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainRunResult:
+    """Few-shot train ``method_name`` on ``data_root`` (an ImageFolder) and write a prompt artifact.
+
+    ``subsample="base"`` trains on the base half of the classes (CoOp rule) and, with ``evaluate_splits``,
+    reports accuracy on the base and the new halves of the test split; ``"all"`` trains on every class.
+    """
+    cfg = train_config or TrainConfig()
+    out_dir = Path(out_dir)
+    splits_all = read_image_folder(data_root)
+    splits = subsample_classes(splits_all, subsample)
+    train_samples = sample_few_shot(splits.train, shots, cfg.seed)
+    backbone = create_backbone(backbone_name, pretrained)
+    method = create_method(method_name, backbone, method_config)
+    class_ids = tokenize_prompts(method, backbone, splits.classnames, template)
+    metrics: dict[str, Any] = {"weights": backbone.describe_weights()}
+    if method.capabilities.trainable:
+        if len(train_samples) < cfg.batch_size:
+            log.warning("only %d training images for batch_size=%d: batches will be smaller", len(train_samples),
+                        cfg.batch_size)
+        tf = train_transform(backbone, cfg.augment)
+        method.prepare_training(train_samples, splits.classnames)
+
+        def loader_factory(epoch: int):
+            return _loader(train_samples, tf, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
+                           num_workers=cfg.num_workers, cache=True)
+
+        result = train(method, loader_factory, class_ids, cfg, out_dir=out_dir / "checkpoint", progress=progress)
+        metrics.update({"train_steps": result.steps, "train_seconds": round(result.seconds, 2),
+                        "train_images_per_second": round(result.images_per_second, 1),
+                        "final_loss": result.final_loss, "train_accuracy": result.train_accuracy})
+    if evaluate_splits:
+        metrics.update(_evaluate_halves(method, backbone, splits_all, subsample, template, cfg.batch_size, cfg.device))
+    trained_on = {"dataset": str(Path(data_root).resolve()), "classnames": splits.classnames, "shots": shots,
+                  "seed": cfg.seed, "subsample": subsample, "num_images": len(train_samples)}
+    save_prompt_artifact(out_dir / "artifact", method, backbone, dataset_template=template, trained_on=trained_on,
+                         metrics=metrics, training_config={"method": method.config.to_dict(), "train": cfg.to_dict(),
+                                                           "backbone": backbone_name, "pretrained": backbone.pretrained},
+                         overwrite=overwrite)
+    return TrainRunResult(artifact=out_dir / "artifact", metrics=metrics)
+
+
+def _evaluate_halves(method: PromptMethod, backbone: Backbone, splits: DatasetSplits, subsample: str, template: str,
+                     batch_size: int, device: str) -> dict[str, float]:
+    halves = ("base", "new") if subsample in ("base", "new") else ("all",)
+    out: dict[str, float] = {}
+    tf = eval_transform(backbone)
+    for half in halves:
+        part = subsample_classes(splits, half)
+        if not part.test:
+            log.warning("no test images for the %s classes; skipping their evaluation", half)
+            continue
+        ids = tokenize_prompts(method, backbone, part.classnames, template)
+        res = evaluate(method, _loader(part.test, tf, batch_size, shuffle=False, seed=0, num_workers=0, cache=False),
+                       ids, device=device)
+        out[f"{half}_accuracy"] = res["accuracy"]
+        out[f"{half}_num_images"] = res["num_images"]
+    if "base_accuracy" in out and "new_accuracy" in out:
+        b, n = out["base_accuracy"], out["new_accuracy"]
+        out["harmonic_mean"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
+    return out
+
+
+def evaluate_artifact(artifact: str | Path | PromptArtifact, data_root: str | Path, *, subsample: str = "all",
+                      split: str = "test", batch_size: int = 64, device: str = "auto",
+                      pretrained: str | None = None) -> dict[str, Any]:
+    """Accuracy of a trained artifact on ``data_root``'s ``split`` restricted to the ``subsample`` classes."""
+    art = artifact if isinstance(artifact, PromptArtifact) else load_prompt_artifact(artifact, pretrained=pretrained)
+    splits = subsample_classes(read_image_folder(data_root), subsample)
+    samples = getattr(splits, split)
+    if not samples:
+        raise DatasetError(f"{data_root}: the {split!r} split has no images for the {subsample!r} classes")
+    ids = tokenize_prompts(art.method, art.backbone, splits.classnames, art.dataset_template)
+    loader = _loader(samples, eval_transform(art.backbone), batch_size, shuffle=False, seed=0, num_workers=0, cache=False)
+    res = evaluate(art.method, loader, ids, device=device)
+    return {"subsample": subsample, "split": split, "num_classes": len(splits.classnames), **res}
