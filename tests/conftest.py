@@ -4,7 +4,6 @@ Nothing here downloads: HF_HUB_OFFLINE and BENTOML_DO_NOT_TRACK are set before a
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,19 +12,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 
-TINY = "tiny-test"
-
-
-def tiny_method_config(method_name: str) -> dict:
-    """Method config overrides that fit the 2-layer tiny backbone (depth options clamped to 2)."""
-    from training.methods import get_method_class
-
-    cls = get_method_class(method_name)
-    out = {}
-    for f in dataclasses.fields(cls.config_cls):
-        if f.name.startswith("depth") and isinstance(f.default, int) and f.default > 2:
-            out[f.name] = 2
-    return out
+from promptclip_testing import TINY, tiny_method_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, tiny_method_config
+from promptclip_testing import TINY, tiny_method_config
 from training.artifact import load_prompt_artifact, read_prompt_config, save_prompt_artifact
 from training.backbone import create_backbone
 from training.engine import TrainConfig, lr_at, train

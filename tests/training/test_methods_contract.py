@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, tiny_method_config
+from promptclip_testing import TINY, tiny_method_config
 from training.backbone import create_backbone
 from training.errors import ConfigError, RegistryError
 from training.methods import Capabilities, TrainBatch, create_method, list_methods

@@ -1,0 +1,161 @@
+"""Prompt artifact -> deploy bundle (see ``serving/format.py`` for the contract).
+
+The bundle is written into a temporary sibling directory and moved into place only after every check passed:
+ONNX checker, ORT-vs-torch parity of both graphs at batch 1 and 3, parity of the precomputed class embeddings
+against the exported text graph, and finally a read-back through ``serving.bundle.load_bundle`` (the reader
+accepts what the writer wrote). An existing bundle is never overwritten unless asked.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from export.onnx_export import DEFAULT_OPSET, MIN_COSINE, ImageGraph, TextGraph, export_checked
+from serving import format as fmt
+from serving.bundle import load_bundle, sha256_file
+from serving.tokenizer import ClipTokenizer, default_vocab_path
+from training.artifact import PromptArtifact, load_prompt_artifact, versions
+from training.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+
+def normalize_class_names(names: Sequence[str]) -> list[str]:
+    """Strip/collapse whitespace, turn underscores into spaces, refuse empties and duplicates."""
+    out: list[str] = []
+    for raw in names:
+        name = " ".join(str(raw).replace("_", " ").split())
+        if not name:
+            raise ExportError(f"empty class name in the class list ({raw!r}); remove it")
+        if name in out:
+            raise ExportError(f"duplicate class name {name!r} in the class list; each class must appear once")
+        out.append(name)
+    if not out:
+        raise ExportError("the class list is empty; pass --classes or a --classes-file with at least one name")
+    return out
+
+
+def export_bundle(
+    artifact: str | os.PathLike | PromptArtifact,
+    out_dir: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    exporter: str = "dynamo",
+    opset: int = DEFAULT_OPSET,
+    pretrained: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export ``artifact`` into a deploy bundle at ``out_dir``; returns the bundle path.
+
+    Args:
+        class_names: the classes to precompute embeddings for (default: the classes it was trained on).
+        exporter: ``dynamo`` (torch.export based) or ``torchscript`` (legacy tracer).
+        pretrained: backbone weights location when the recorded one is unavailable here.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    art = artifact if isinstance(artifact, PromptArtifact) else load_prompt_artifact(artifact, pretrained=pretrained)
+    method, backbone = art.method.to("cpu").eval(), art.backbone
+    caps = method.capabilities
+    if caps.text_depends_on_image:
+        raise ExportError(f"method {method.name!r} makes text depend on the image: class embeddings cannot be "
+                          f"precomputed, and this exporter does not build image-conditioned text graphs")
+    if caps.num_prompt_sets != 1:
+        raise ExportError(f"method {method.name!r} has {caps.num_prompt_sets} prompt sets; multi-set export is not "
+                          f"supported by bundle format {fmt.BUNDLE_FORMAT_VERSION}")
+    names = normalize_class_names(class_names if class_names is not None else art.classnames)
+    template = method.prompt_template(art.dataset_template)
+    ctx_len = backbone.context_length
+    vocab = default_vocab_path()
+    tokenizer = ClipTokenizer(vocab, context_length=ctx_len)
+    token_ids = torch.from_numpy(tokenizer([template.format(n) for n in names]))  # [C, L]; refuses over-long names
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-bundle-", dir=out.parent))
+    try:
+        gen = torch.Generator().manual_seed(0)
+        h, w = backbone.image_size
+
+        def image_input(b: int) -> torch.Tensor:
+            return torch.randn(b, 3, h, w, generator=gen)  # [b, 3, H, W]
+
+        def text_input(b: int) -> torch.Tensor:
+            probe = names + ["a completely new class", "zebra crossing sign"]
+            return torch.from_numpy(tokenizer([template.format(probe[i % len(probe)]) for i in range(b)]))
+
+        image_entry = export_checked(ImageGraph(method), tmp / fmt.IMAGE_GRAPH_FILE, image_input,
+                                     input_name=fmt.IMAGE_INPUT, output_name=fmt.IMAGE_OUTPUT, exporter=exporter,
+                                     opset=opset)
+        text_file = fmt.text_graph_file(0, 1)
+        text_graph = TextGraph(method, 0)
+        text_entry = export_checked(text_graph, tmp / text_file, text_input, input_name=fmt.TEXT_INPUT,
+                                    output_name=fmt.TEXT_OUTPUT, exporter=exporter, opset=opset)
+        with torch.no_grad():
+            emb = torch.cat([text_graph(token_ids[i:i + 256]) for i in range(0, len(names), 256)]).float().numpy()
+        class_parity = _class_embedding_parity(tmp / text_file, token_ids.numpy(), emb)
+        from safetensors.numpy import save_file
+
+        save_file({fmt.class_embeddings_key(0, 1): np.ascontiguousarray(emb, dtype=np.float32)},
+                  str(tmp / fmt.CLASS_EMBEDDINGS_FILE))
+        shutil.copyfile(vocab, tmp / fmt.VOCAB_FILE)
+
+        for entry, fname in ((image_entry, fmt.IMAGE_GRAPH_FILE), (text_entry, text_file)):
+            entry["file"] = fname
+            entry["sha256"] = sha256_file(tmp / fname)
+        parity = {"image": image_entry.pop("parity"), "text": text_entry.pop("parity"), "class_embeddings": class_parity}
+        empty_tokens = len(tokenizer.encode(template.format("")))
+        manifest: dict[str, Any] = {
+            "format": fmt.BUNDLE_FORMAT,
+            "format_version": fmt.BUNDLE_FORMAT_VERSION,
+            "min_reader_version": 1,
+            "created_by": {**versions(), "onnx_exporter": exporter},
+            "method": {"name": method.name, "config": method.config.to_dict(), "capabilities": dict(caps.__dict__)},
+            "backbone": {"name": backbone.name, "pretrained": backbone.pretrained,
+                         "weights_sha256": backbone.weights_sha256, "weights": backbone.describe_weights()},
+            "embedding_dim": int(emb.shape[1]),
+            "logit_scale": float(method.logit_scale),
+            "preprocessing": dict(backbone.preprocess),
+            "text": {"tokenizer": "clip-bpe", "vocab_file": fmt.VOCAB_FILE, "vocab_sha256": sha256_file(tmp / fmt.VOCAB_FILE),
+                     "context_length": ctx_len, "templates": [template],
+                     "max_name_tokens": ctx_len - 2 - empty_tokens},
+            "classes": {"names": names, "file": fmt.CLASS_EMBEDDINGS_FILE,
+                        "sha256": sha256_file(tmp / fmt.CLASS_EMBEDDINGS_FILE)},
+            "graphs": {"image": image_entry, "text": [text_entry]},
+            "engines": [],
+            "parity": parity,
+            "trained_on": None,
+        }
+        manifest.pop("trained_on")
+        (tmp / fmt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        load_bundle(tmp)  # the reader must accept what we wrote (format, hashes, shapes)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle written to %s (%d classes, image parity max abs %.1e, text %.1e)", out, len(names),
+             parity["image"]["max_abs"], parity["text"]["max_abs"])
+    return out
+
+
+def _class_embedding_parity(text_graph: Path, token_ids: np.ndarray, torch_emb: np.ndarray) -> dict[str, float]:
+    """The precomputed embeddings must equal what the exported text graph computes for the same names."""
+    from export.onnx_export import ort_session
+
+    sess = ort_session(text_graph)
+    got = np.concatenate([sess.run(None, {fmt.TEXT_INPUT: token_ids[i:i + 256]})[0] for i in range(0, len(token_ids), 256)])
+    cos = float(np.min(np.sum(got * torch_emb, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(torch_emb, axis=-1))))
+    max_abs = float(np.abs(got - torch_emb).max())
+    if cos < MIN_COSINE:
+        raise ExportError(f"class embeddings from the ONNX text graph differ from torch (min cosine {cos:.6f})")
+    return {"max_abs": max_abs, "min_cosine": cos, "num_classes": int(len(token_ids))}

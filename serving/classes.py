@@ -1,0 +1,449 @@
+"""The runtime-extensible class list, persisted atomically and shared between worker processes.
+
+:class:`ClassRegistry` validates class names (see :meth:`ClassRegistry.normalize_name`), keeps the
+active list in memory and, when given a ``state_dir``, in ``state_dir/classes.json``::
+
+    {"format": "promptclip.classes", "format_version": 1, "version": 7, "names": ["cat", "dog", ...]}
+
+Every change bumps ``version`` and is written with write-temp + fsync + ``os.replace`` + directory
+fsync, so an acknowledged change survives ``kill -9`` and power loss and readers never see a half
+written file. Mutations hold a ``threading.Lock`` and an advisory ``fcntl.flock`` on
+``state_dir/classes.lock`` and re-read the file first, so several workers (processes) can mutate
+the same directory without losing updates; :meth:`ClassRegistry.refresh` picks up other workers'
+changes. A state file that cannot be parsed is never overwritten: the registry refuses to start.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import os
+import tempfile
+import threading
+import unicodedata
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import BundleError, ClassNameError, PromptclipError, RequestError, UnknownClassError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from .tokenizer import ClipTokenizer
+
+__all__ = ["ClassRegistry", "ClassStateError", "STATE_FILE", "MAX_NAME_CHARS"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "classes.json"
+LOCK_FILE = "classes.lock"
+STATE_FORMAT = "promptclip.classes"
+STATE_FORMAT_VERSION = 1
+#: Longest class name accepted, in characters (after whitespace normalisation).
+MAX_NAME_CHARS = 200
+_RESERVED_TOKENS = ("<start_of_text>", "<end_of_text>")
+_BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})  # control, format (zero-width, bidi overrides), lone surrogates
+
+
+class ClassStateError(PromptclipError):
+    """The persisted class state (``classes.json``) is unreadable, corrupt, or cannot be written."""
+
+    http_status = 500
+
+
+def _preview(name: str, limit: int = 60) -> str:
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
+
+
+class ClassRegistry:
+    """Validated, versioned list of active class names, optionally persisted in ``state_dir``.
+
+    Args:
+        state_dir: directory for ``classes.json`` (created if missing); ``None`` keeps the list in memory.
+            An existing state file takes precedence over ``initial_names``.
+        initial_names: the bundle's classes, used when there is no state file yet.
+        tokenizer: the bundle's tokenizer; names must fit its ``context_length`` inside ``template``.
+        template: the text template (``"{}"`` marks the name) the names are encoded with.
+        max_classes: most classes :meth:`add` lets the list grow to.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike | None,
+        initial_names: Sequence[str],
+        *,
+        tokenizer: ClipTokenizer,
+        template: str,
+        max_classes: int = 10000,
+    ) -> None:
+        if "{}" not in template:
+            raise ValueError(f"template must contain '{{}}' where the class name goes, got {template!r}")
+        self._tokenizer = tokenizer
+        self._template = template
+        self._context_length = int(tokenizer.context_length)
+        self.max_classes = int(max_classes)
+        self._lock = threading.RLock()
+        self._names: list[str] = []
+        self._version = 0
+        self._sig: tuple[int, ...] | None = None
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+
+        initial = self._check_initial(initial_names)
+        if self.state_dir is None:
+            self._names, self._version = initial, 1
+            return
+        if fcntl is None:  # pragma: no cover
+            logger.warning("fcntl is unavailable on this platform: class-state changes are NOT safe across "
+                           "processes; run a single worker")
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ClassStateError(f"Cannot create class state directory {self.state_dir}: {exc}") from exc
+        with self._lock, self._file_lock():
+            if self.state_path.exists():
+                version, names, sig = self._read_state()
+                self._names, self._version, self._sig = names, version, sig
+                logger.info("loaded %d classes (version %d) from %s", len(names), version, self.state_path)
+            else:
+                self._write_state(1, initial)
+                self._names, self._version = initial, 1
+                logger.info("created %s with the bundle's %d classes", self.state_path, len(initial))
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path | None:
+        """``state_dir/classes.json``, or ``None`` for an in-memory registry."""
+        return self.state_dir / STATE_FILE if self.state_dir is not None else None
+
+    @property
+    def template(self) -> str:
+        """The text template names are validated against."""
+        return self._template
+
+    @property
+    def version(self) -> int:
+        """Version of the class list; every add/remove increments it."""
+        with self._lock:
+            return self._version
+
+    def names(self) -> list[str]:
+        """The active class names, in order (a copy)."""
+        with self._lock:
+            return list(self._names)
+
+    def snapshot(self) -> tuple[int, list[str]]:
+        """``(version, names)`` read consistently."""
+        with self._lock:
+            return self._version, list(self._names)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._names
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def normalize_name(self, name: str, *, field: str = "names") -> str:
+        """Strip ``name`` and collapse its internal whitespace; refuse names that cannot be served.
+
+        Raises:
+            ClassNameError: not a string, empty, containing control/format characters or CLIP's
+                reserved tokens, longer than ``MAX_NAME_CHARS`` characters, or too many tokens for
+                the text context inside the template (names are never truncated).
+        """
+        if not isinstance(name, str):
+            raise ClassNameError(f"class names must be strings, got {type(name).__name__} {name!r:.60}", field=field)
+        text = " ".join(name.split())
+        if not text:
+            raise ClassNameError(f"class name {_preview(name)} is empty after trimming whitespace; give a non-empty name",
+                                 field=field)
+        bad = [c for c in text if unicodedata.category(c) in _BAD_CATEGORIES]
+        if bad:
+            codes = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(bad))
+            raise ClassNameError(
+                f"class name {_preview(text)} contains control or invisible formatting character(s) {codes}; "
+                "remove them", field=field)
+        if len(text) > MAX_NAME_CHARS:
+            raise ClassNameError(
+                f"class name {_preview(text)} is {len(text)} characters long; the limit is {MAX_NAME_CHARS}",
+                field=field)
+        lowered = text.lower()
+        for token in _RESERVED_TOKENS:
+            if token in lowered:
+                raise ClassNameError(f"class name {_preview(text)} contains CLIP's reserved token {token!r}; remove it",
+                                     field=field)
+        n = self._tokenizer.num_tokens(self._template.format(text))
+        if n > self._context_length:
+            raise ClassNameError(
+                f"class name {_preview(text)} is {n} tokens long inside the template {self._template!r} (start and "
+                f"end tokens included), but the text encoder takes at most {self._context_length}; shorten it by "
+                f"at least {n - self._context_length} token(s) (names are never truncated)", field=field)
+        return text
+
+    def normalize_names(self, names: Sequence[str], *, field: str = "names") -> list[str]:
+        """:meth:`normalize_name` for each of ``names``; also refuses an empty list and repeated names."""
+        return self._normalize_all(names, field=field)
+
+    def _normalize_all(self, names: Sequence[str], *, field: str) -> list[str]:
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise ClassNameError(f"{field} must be a list of class names, got {type(names).__name__}", field=field)
+        if not names:
+            raise ClassNameError(f"{field} is empty; give at least one class name", field=field)
+        out = [self.normalize_name(n, field=field) for n in names]
+        dups = [n for n in dict.fromkeys(out) if out.count(n) > 1] if len(set(out)) != len(out) else []
+        if dups:
+            raise ClassNameError(
+                f"{field} lists {', '.join(map(_preview, dups))} more than once "
+                "(after whitespace normalisation); give each name once", field=field)
+        return out
+
+    def _check_initial(self, names: Sequence[str]) -> list[str]:
+        try:
+            out = self._normalize_all(list(names), field="classes")
+        except ClassNameError as exc:
+            raise BundleError(f"the bundle's class list is not servable: {exc}; re-export the bundle") from exc
+        changed = [(a, b) for a, b in zip(names, out) if a != b]
+        if changed:
+            raise BundleError(
+                f"bundle class name {_preview(changed[0][0])} is not normalised (expected {_preview(changed[0][1])}); "
+                "re-export the bundle")
+        return out
+
+    # -- mutations -----------------------------------------------------------------------------
+
+    def add(self, names: Sequence[str]) -> list[str]:
+        """Append new class names (in order) and persist; returns the normalised added names.
+
+        Raises:
+            ClassNameError: an invalid name, a name given twice, or one already registered.
+            RequestError: the list would exceed ``max_classes``.
+        """
+        new = self._normalize_all(names, field="names")
+        with self._lock, self._file_lock():
+            self._reload_locked(force=True)
+            present = set(self._names)
+            already = [n for n in new if n in present]
+            if already:
+                raise ClassNameError(
+                    f"class(es) already registered: {', '.join(map(_preview, already[:10]))}; "
+                    "remove them from the request", field="names")
+            total = len(self._names) + len(new)
+            if total > self.max_classes:
+                raise RequestError(
+                    f"adding {len(new)} class(es) would make {total}; the limit is {self.max_classes} -- remove "
+                    "classes first or raise the limit", field="names")
+            self._commit_locked(self._names + new)
+            logger.info("added %d class(es) -> %d classes, version %d", len(new), len(self._names), self._version)
+        return new
+
+    def remove(self, names: Sequence[str]) -> list[str]:
+        """Remove registered class names and persist; returns the removed (normalised) names.
+
+        Raises:
+            UnknownClassError: a name is not registered.
+            ClassNameError: a name given twice, or the request would remove every class.
+        """
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise ClassNameError(f"names must be a list of class names, got {type(names).__name__}")
+        if not names:
+            raise ClassNameError("names is empty; give at least one class name to remove")
+        for n in names:
+            if not isinstance(n, str):
+                raise ClassNameError(f"class names must be strings, got {type(n).__name__} {n!r:.60}")
+        wanted = [" ".join(n.split()) for n in names]
+        if len(set(wanted)) != len(wanted):
+            dups = [n for n in dict.fromkeys(wanted) if wanted.count(n) > 1]
+            raise ClassNameError(f"names lists {', '.join(map(_preview, dups))} more than once; give each name once")
+        with self._lock, self._file_lock():
+            self._reload_locked(force=True)
+            present = set(self._names)
+            unknown = [n for n in wanted if n not in present]
+            if unknown:
+                hints = []
+                for n in unknown[:3]:
+                    close = difflib.get_close_matches(n, self._names, n=1)
+                    if close:
+                        hints.append(f"{_preview(n)} -> did you mean {_preview(close[0])}?")
+                known = ", ".join(map(_preview, self._names[:5]))
+                raise UnknownClassError(
+                    f"not registered: {', '.join(map(_preview, unknown[:10]))}. "
+                    + (" ".join(hints) + " " if hints else "")
+                    + f"Registered classes ({len(self._names)}) include {known}"
+                    + (", ..." if len(self._names) > 5 else "") + "; list them with /classes.")
+            remaining = [n for n in self._names if n not in set(wanted)]
+            if not remaining:
+                raise ClassNameError("this would remove every class; at least one class must remain -- add the new "
+                                     "classes before removing the old ones")
+            self._commit_locked(remaining)
+            logger.info("removed %d class(es) -> %d classes, version %d", len(wanted), len(remaining), self._version)
+        return wanted
+
+    def refresh(self) -> bool:
+        """Reload the list if another process changed the state file; ``True`` when it changed.
+
+        Cheap when nothing changed (one ``stat``). Raises :class:`ClassStateError` on a corrupt file.
+        """
+        if self.state_dir is None:
+            return False
+        with self._lock:
+            return self._reload_locked()
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _reload_locked(self, *, force: bool = False) -> bool:
+        """Adopt the state file's contents when they differ from ours (``self._lock`` held).
+
+        Without ``force`` an unchanged ``stat`` signature skips the read; mutations (under the file
+        lock) always force a read, so a reused inode with an equal size and timestamp tick can
+        never make them build on a stale list.
+        """
+        if self.state_dir is None:
+            return False
+        path = self.state_path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if self._sig is not None:
+                logger.warning("class state file %s disappeared; keeping %d classes in memory (version %d); the "
+                               "next add/remove rewrites it", path, len(self._names), self._version)
+                self._sig = None
+            return False
+        if not force and self._sig == _signature(st):
+            return False
+        version, names, sig = self._read_state()
+        changed = version != self._version or names != self._names
+        if version < self._version:
+            logger.warning("class state file %s went back from version %d to %d (restored from a backup?); using "
+                           "the file", path, self._version, version)
+        self._names, self._version, self._sig = names, version, sig
+        if changed:
+            logger.info("class list reloaded from %s: %d classes, version %d", path, len(names), version)
+        return changed
+
+    def _read_state(self) -> tuple[int, list[str], tuple[int, ...]]:
+        path = self.state_path
+        assert path is not None
+        fix = (f"Move it away (e.g. `mv {path} {path}.bad`) to start again from the bundle's classes, or restore a "
+               "good copy; it is never overwritten automatically.")
+        try:
+            with open(path, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                raw = fh.read()
+        except OSError as exc:
+            raise ClassStateError(f"Cannot read class state file {path}: {exc}") from exc
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ClassStateError(f"Class state file {path} is corrupt (not valid JSON: {exc}). {fix}") from exc
+
+        def corrupt(msg: str) -> ClassStateError:
+            return ClassStateError(f"Class state file {path} is invalid: {msg}. {fix}")
+
+        if not isinstance(data, dict):
+            raise corrupt(f"expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != STATE_FORMAT:
+            raise corrupt(f"format is {data.get('format')!r}, expected {STATE_FORMAT!r}")
+        fv = data.get("format_version")
+        if fv != STATE_FORMAT_VERSION:
+            raise corrupt(f"format_version {fv!r} is not supported (this promptclip reads {STATE_FORMAT_VERSION}; "
+                          "a newer promptclip may have written it -- upgrade)")
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise corrupt(f"version must be a non-negative int, got {version!r}")
+        names = data.get("names")
+        if not isinstance(names, list) or not names:
+            raise corrupt("names must be a non-empty list")
+        known = set(self._names)  # validated before; only new names need the (tokenizing) check
+        try:
+            checked = [n if isinstance(n, str) and n in known else self.normalize_name(n, field="classes")
+                       for n in names]
+        except ClassNameError as exc:
+            raise corrupt(f"{exc}") from exc
+        if checked != names:
+            bad = next(n for n, c in zip(names, checked) if n != c)
+            raise corrupt(f"name {_preview(bad)} is not normalised")
+        if len(set(names)) != len(names):
+            raise corrupt("names has duplicates")
+        return version, names, _signature(st)
+
+    def _commit_locked(self, names: list[str]) -> None:
+        version = self._version + 1
+        if self.state_dir is not None:
+            self._write_state(version, names)
+        self._names, self._version = names, version
+
+    def _write_state(self, version: int, names: list[str]) -> None:
+        """Atomically replace the state file (temp file in the same dir, fsync, rename, fsync dir)."""
+        assert self.state_dir is not None and self.state_path is not None
+        payload = json.dumps(
+            {"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION, "version": version, "names": names},
+            ensure_ascii=False, indent=1,
+        ).encode("utf-8")
+        tmp: str | None = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".classes.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.state_path)
+            tmp = None
+            _fsync_dir(self.state_dir)
+            st = os.stat(self.state_path)
+        except OSError as exc:
+            raise ClassStateError(f"Cannot write class state file {self.state_path}: {exc}; the change was not "
+                                  "applied -- check disk space and permissions") from exc
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        self._sig = _signature(st)
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Exclusive advisory lock on ``state_dir/classes.lock`` (no-op without a state dir)."""
+        if self.state_dir is None or fcntl is None:
+            yield
+            return
+        lock_path = self.state_dir / LOCK_FILE
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ClassStateError(f"Cannot open lock file {lock_path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"ClassRegistry({len(self)} classes, version {self.version}, state={str(self.state_path)!r})"
+
+
+def _signature(st: os.stat_result) -> tuple[int, ...]:
+    """What identifies one written version of the state file without reading it."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename in it is durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,319 @@
+"""Open-vocabulary image classification over a deploy bundle -- the torch-free core.
+
+:class:`Classifier` ties a :class:`~serving.bundle.Bundle`, an inference
+:class:`~serving.runtime.Runtime` and a :class:`~serving.classes.ClassRegistry` together. Both the
+BentoML service and local tools use it; it raises only :class:`~serving.errors.PromptclipError`
+subclasses for anything a caller can get wrong.
+
+Class embeddings come from the bundle's precomputed table for the bundle's classes and from the
+exported text encoder (template + tokenizer + ``runtime.run_text``) for names added at runtime or
+given ad hoc; encoded names are cached (LRU) by name.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .bundle import Bundle, load_bundle, load_class_embeddings
+from .classes import ClassRegistry
+from .errors import BundleError, ImageDecodeError, RequestError
+from .preprocess import decode_image, preprocess
+from .runtime import Runtime, create_runtime
+from .tokenizer import ClipTokenizer
+
+__all__ = ["Classifier", "DEFAULT_TOP_K"]
+
+logger = logging.getLogger(__name__)
+
+#: ``top_k`` when the caller gives none (capped at the number of classes).
+DEFAULT_TOP_K = 5
+#: Texts per ``run_text`` call.
+TEXT_BATCH = 256
+#: Images per ``run_image`` call.
+IMAGE_BATCH = 32
+
+
+class Classifier:
+    """Classify images against the registry's classes or an ad-hoc class list.
+
+    Build it with :meth:`from_bundle`. Thread-safe: concurrent :meth:`classify` calls are fine.
+
+    Args:
+        bundle, runtime, registry, tokenizer: the parts (see :meth:`from_bundle`).
+        max_adhoc_classes: most classes one request may list in ``class_names``.
+        max_image_bytes, max_image_pixels: limits for :meth:`classify_bytes` (``None``: decode_image's defaults).
+        cache_size: most runtime-encoded class embeddings kept in memory (LRU).
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        runtime: Runtime,
+        registry: ClassRegistry,
+        tokenizer: ClipTokenizer,
+        *,
+        max_adhoc_classes: int = 1000,
+        max_image_bytes: int | None = None,
+        max_image_pixels: int | None = None,
+        cache_size: int = 20000,
+    ) -> None:
+        _require_single_prompt_set(bundle)
+        self.bundle = bundle
+        self.runtime = runtime
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.max_adhoc_classes = int(max_adhoc_classes)
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self._template = bundle.templates[0]
+        self._logit_scale = np.float32(bundle.logit_scale)
+        self._bundle_embeddings = load_class_embeddings(bundle)[0]
+        self._bundle_rows = {name: i for i, name in enumerate(bundle.class_names)}
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_size = int(cache_size)
+        self._lock = threading.Lock()
+        self._active: tuple[int, list[str], np.ndarray] | None = None
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle_dir: str | os.PathLike,
+        *,
+        state_dir: str | os.PathLike | None = None,
+        runtime: str = "auto",
+        verify_hashes: bool = True,
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+        max_classes: int = 10000,
+        max_adhoc_classes: int = 1000,
+        max_image_bytes: int | None = None,
+        warmup: bool = True,
+    ) -> Classifier:
+        """Load the bundle in ``bundle_dir`` and build runtime, tokenizer and registry.
+
+        Args:
+            state_dir: where the class list persists (``None``: in memory, lost on restart).
+            runtime: ``"auto"`` or ``"ort"`` (see :func:`~serving.runtime.create_runtime`).
+            warmup: encode the registry's runtime-added classes now rather than on the first request.
+        """
+        bundle = load_bundle(bundle_dir, verify_hashes=verify_hashes)
+        _require_single_prompt_set(bundle)  # before the (slow) runtime is built
+        kwargs: dict[str, Any] = {}
+        if providers is not None:
+            kwargs["providers"] = providers
+        if intra_op_threads is not None:
+            kwargs["intra_op_threads"] = intra_op_threads
+        rt = create_runtime(bundle, runtime, **kwargs)
+        try:
+            tokenizer = ClipTokenizer(bundle.vocab_path, context_length=bundle.context_length)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"cannot load the bundle's tokenizer vocabulary {bundle.vocab_path}: {exc}; "
+                              "re-export the bundle") from exc
+        registry = ClassRegistry(state_dir, bundle.class_names, tokenizer=tokenizer, template=bundle.templates[0],
+                                 max_classes=max_classes)
+        clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes,
+                  max_image_bytes=max_image_bytes)
+        if warmup:
+            clf._active_classes()
+        return clf
+
+    # -- classification ------------------------------------------------------------------------
+
+    def classify(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        top_k: int | None = DEFAULT_TOP_K,
+        class_names: Sequence[str] | None = None,
+    ) -> list[list[dict]]:
+        """Rank classes for each image.
+
+        Args:
+            images: decoded PIL images.
+            top_k: classes to return per image, 1..number of classes. ``None`` means
+                ``min(DEFAULT_TOP_K, number of classes)``.
+            class_names: an ad-hoc class list for this call only (validated like registered names,
+                at most ``max_adhoc_classes``); ``None`` uses the registry's active classes.
+
+        Returns:
+            Per image, ``top_k`` dicts ``{"name", "score", "logit"}`` by decreasing score; ``score`` is
+            the softmax probability over the whole class list, ``logit`` is ``logit_scale * cosine``.
+
+        Raises:
+            RequestError: no images, ``top_k`` out of range, too many ad-hoc classes.
+            ClassNameError: an invalid or repeated ad-hoc class name.
+        """
+        images = list(images)
+        if not images:
+            raise RequestError("no images given; send at least one image", field="image")
+        if class_names is None:
+            names, matrix = self._active_classes()
+        else:
+            names, matrix = self._adhoc_classes(class_names)
+        k = self._check_top_k(top_k, len(names))
+        results: list[list[dict]] = []
+        cfg = self.bundle.preprocessing
+        for start in range(0, len(images), IMAGE_BATCH):
+            pixels = preprocess(images[start:start + IMAGE_BATCH], cfg)
+            image_embeds = self.runtime.run_image(pixels)
+            results.extend(self._rank(image_embeds, names, matrix, k))
+        return results
+
+    def classify_bytes(self, blobs: Sequence[bytes], **kw: Any) -> list[list[dict]]:
+        """:func:`~serving.preprocess.decode_image` each blob, then :meth:`classify` (same keyword arguments)."""
+        blobs = list(blobs)
+        limits: dict[str, int] = {}
+        if self.max_image_bytes is not None:
+            limits["max_bytes"] = self.max_image_bytes
+        if self.max_image_pixels is not None:
+            limits["max_pixels"] = self.max_image_pixels
+        images = []
+        for i, blob in enumerate(blobs):
+            try:
+                images.append(decode_image(blob, **limits))
+            except ImageDecodeError as exc:
+                if len(blobs) == 1:
+                    raise
+                raise ImageDecodeError(f"image {i + 1} of {len(blobs)}: {exc}", field=exc.field) from exc
+        return self.classify(images, **kw)
+
+    def _check_top_k(self, top_k: int | None, num_classes: int) -> int:
+        if top_k is None:
+            return min(DEFAULT_TOP_K, num_classes)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+            raise RequestError(f"top_k must be an integer between 1 and {num_classes}, got {top_k!r}", field="top_k")
+        if not 1 <= top_k <= num_classes:
+            raise RequestError(
+                f"top_k must be between 1 and {num_classes} (the number of classes), got {top_k}", field="top_k")
+        return int(top_k)
+
+    def _rank(self, image_embeds: np.ndarray, names: list[str], matrix: np.ndarray, k: int) -> list[list[dict]]:
+        # A method with several prompt sets would combine per-set logits here (e.g. with per-image
+        # expert weights from an extra image-graph output); the callers stay the same.
+        logits = self._logit_scale * (image_embeds @ matrix.T)  # [B, C] float32
+        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        return [
+            [{"name": names[j], "score": float(probs[b, j]), "logit": float(logits[b, j])} for j in order[b]]
+            for b in range(logits.shape[0])
+        ]
+
+    # -- class embeddings ----------------------------------------------------------------------
+
+    def _active_classes(self) -> tuple[list[str], np.ndarray]:
+        """The registry's classes and their ``[C, D]`` embeddings (rebuilt when the version changes)."""
+        self.registry.refresh()
+        version, names = self.registry.snapshot()
+        active = self._active
+        if active is not None and active[0] == version and active[1] == names:
+            return active[1], active[2]
+        matrix = self._embeddings_for(names)
+        self._active = (version, names, matrix)
+        logger.debug("class matrix rebuilt: %d classes, version %d", len(names), version)
+        return names, matrix
+
+    def _adhoc_classes(self, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+        if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
+            raise RequestError(f"classes must be a list of class names, got {type(class_names).__name__}",
+                               field="classes")
+        if not class_names:
+            raise RequestError("classes is empty: give at least one class name, or omit it to use the registered "
+                               "classes", field="classes")
+        if len(class_names) > self.max_adhoc_classes:
+            raise RequestError(
+                f"classes lists {len(class_names)} names; one request may list at most {self.max_adhoc_classes} -- "
+                "register large class lists with /add_classes instead", field="classes")
+        names = self.registry.normalize_names(class_names, field="classes")
+        return names, self._embeddings_for(names)
+
+    def _embeddings_for(self, names: list[str]) -> np.ndarray:
+        """``[C, D]`` float32 embeddings of ``names``: bundle rows, cached encodings, or fresh encodings."""
+        out = np.empty((len(names), self.bundle.embedding_dim), dtype=np.float32)
+        missing: list[int] = []
+        with self._lock:
+            for i, name in enumerate(names):
+                row = self._bundle_rows.get(name)
+                if row is not None:
+                    out[i] = self._bundle_embeddings[row]
+                elif (cached := self._cache.get(name)) is not None:
+                    self._cache.move_to_end(name)
+                    out[i] = cached
+                else:
+                    missing.append(i)
+        if missing:
+            encoded = self.encode_text([names[i] for i in missing])
+            out[missing] = encoded
+            with self._lock:
+                for i, vec in zip(missing, encoded):
+                    self._cache[names[i]] = vec
+                    self._cache.move_to_end(names[i])
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+    def encode_text(self, names: Sequence[str]) -> np.ndarray:
+        """``[N, D]`` text embeddings of ``names`` put into the bundle's template (no normalisation of names)."""
+        names = list(names)
+        if not names:
+            return np.zeros((0, self.bundle.embedding_dim), dtype=np.float32)
+        texts = [self._template.format(n) for n in names]
+        chunks = []
+        for start in range(0, len(texts), TEXT_BATCH):
+            ids = self.tokenizer(texts[start:start + TEXT_BATCH])  # raises ClassNameError, never truncates
+            chunks.append(self.runtime.run_text(ids, 0))
+        return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
+
+    # -- class list management -----------------------------------------------------------------
+
+    def add_classes(self, names: Sequence[str]) -> dict:
+        """Register new classes (encoded before they are persisted); ``{"added", "version", "num_classes"}``."""
+        normalised = self.registry.normalize_names(names, field="names")
+        self._embeddings_for(normalised)  # encoder problems surface before the change is persisted
+        added = self.registry.add(normalised)
+        version, current = self.registry.snapshot()
+        return {"added": added, "version": version, "num_classes": len(current)}
+
+    def remove_classes(self, names: Sequence[str]) -> dict:
+        """Unregister classes; ``{"removed", "version", "num_classes"}``."""
+        removed = self.registry.remove(names)
+        version, current = self.registry.snapshot()
+        return {"removed": removed, "version": version, "num_classes": len(current)}
+
+    def list_classes(self) -> dict:
+        """``{"names", "version", "num_classes"}`` of the active class list (other workers' changes included)."""
+        self.registry.refresh()
+        version, names = self.registry.snapshot()
+        return {"names": names, "version": version, "num_classes": len(names)}
+
+    def info(self) -> dict:
+        """Health/readiness details: method, classes, runtime and providers."""
+        self.registry.refresh()
+        version, names = self.registry.snapshot()
+        backbone = self.bundle.manifest.get("backbone") or {}
+        return {
+            "status": "ok",
+            "method": self.bundle.method_name,
+            "backbone": backbone.get("name") if isinstance(backbone, dict) else None,
+            "num_classes": len(names),
+            "classes_version": version,
+            "runtime": self.runtime.name,
+            "providers": list(self.runtime.providers),
+            "embedding_dim": self.bundle.embedding_dim,
+        }
+
+
+def _require_single_prompt_set(bundle: Bundle) -> None:
+    if bundle.num_prompt_sets != 1:
+        raise BundleError(
+            f"bundle method {bundle.method_name!r} has {bundle.num_prompt_sets} prompt sets; this version of the "
+            "serving stack serves single-prompt-set bundles only -- upgrade promptclip, or export a "
+            "single-prompt-set method.")

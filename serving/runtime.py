@@ -1,0 +1,220 @@
+"""Inference runtimes for a bundle's exported graphs (torch-free).
+
+A :class:`Runtime` turns preprocessed pixels into image embeddings and token ids into text
+embeddings. :class:`OrtRuntime` runs the ONNX graphs with onnxruntime; a TensorRT runtime is
+planned but not part of this version (``create_runtime(kind="tensorrt")`` says so).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import BundleError, RuntimeUnavailableError
+from .format import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
+
+__all__ = ["Runtime", "OrtRuntime", "create_runtime", "RUNTIME_KINDS"]
+
+logger = logging.getLogger(__name__)
+
+#: Kinds :func:`create_runtime` accepts.
+RUNTIME_KINDS = ("auto", "ort", "tensorrt")
+_DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+#: Manifest dtype name -> onnxruntime NodeArg type string.
+_ORT_TYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "int64": "tensor(int64)",
+    "int32": "tensor(int32)",
+}
+_INSTALL_HINT = "pip install 'promptclip[cpu]' (or 'promptclip[gpu]' for onnxruntime-gpu)"
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What the classifier needs from an inference backend."""
+
+    #: Short backend name, e.g. ``"ort"``.
+    name: str
+    #: Execution providers / devices actually in use, most preferred first.
+    providers: list[str]
+
+    def run_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        """float32 ``[B,3,H,W]`` preprocessed pixels -> float32 ``[B,D]`` L2-normalised image embeddings."""
+        ...
+
+    def run_text(self, input_ids: np.ndarray, prompt_set: int = 0) -> np.ndarray:
+        """int64 ``[N,L]`` token ids -> float32 ``[N,D]`` L2-normalised text embeddings of ``prompt_set``."""
+        ...
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            f"onnxruntime is not installed, so the exported ONNX graphs cannot run: {_INSTALL_HINT}."
+        ) from exc
+    return onnxruntime
+
+
+class OrtRuntime:
+    """Runs a bundle's ONNX graphs with onnxruntime, one ``InferenceSession`` per graph.
+
+    Args:
+        bundle: a loaded bundle.
+        providers: onnxruntime execution providers in preference order. ``None`` means CUDA then
+            CPU, keeping those this onnxruntime build has. Explicitly requested providers that the
+            build lacks are an error (no silent fallback).
+        intra_op_threads: onnxruntime intra-op threads per session (``None``: onnxruntime's default).
+    """
+
+    name = "ort"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        ort = _import_ort()
+        self.bundle = bundle
+        available = list(ort.get_available_providers())
+        if providers is None:
+            requested = [p for p in _DEFAULT_PROVIDERS if p in available]
+            if _CUDA not in available:
+                logger.info("onnxruntime build has no CUDAExecutionProvider (available: %s); running on CPU. "
+                            "Install 'promptclip[gpu]' for GPU inference.", ", ".join(available))
+        else:
+            requested = list(providers)
+            unknown = [p for p in requested if p not in available]
+            if unknown:
+                raise RuntimeUnavailableError(
+                    f"onnxruntime {ort.__version__} has no execution provider(s) {unknown} (available: {available}). "
+                    + ("Install onnxruntime-gpu ('promptclip[gpu]') with a CUDA/cuDNN matching it, or "
+                       if _CUDA in unknown else "")
+                    + "request only available providers."
+                )
+        if not requested:
+            raise RuntimeUnavailableError(f"no usable onnxruntime execution provider (available: {available}).")
+        self.requested_providers = requested
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads is not None:
+            if intra_op_threads < 0:
+                raise ValueError(f"intra_op_threads must be >= 0 (0 = onnxruntime default), got {intra_op_threads}")
+            opts.intra_op_num_threads = int(intra_op_threads)
+
+        self._warned_cpu_fallback = False
+        self._image = self._session(ort, opts, "image", 0)
+        self._text = [self._session(ort, opts, "text", k) for k in range(bundle.num_prompt_sets)]
+        self.providers: list[str] = list(self._image.get_providers())
+        self._check_io()
+
+    def _session(self, ort: Any, opts: Any, kind: str, prompt_set: int) -> Any:
+        path = self.bundle.graph_path(kind, prompt_set)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=self.requested_providers)
+        except Exception as exc:  # onnxruntime raises its own exception types (InvalidGraph, Fail, ...)
+            raise BundleError(
+                f"onnxruntime cannot load {path.name}: {type(exc).__name__}: {exc}. The graph may be corrupt or use "
+                f"an opset/operator onnxruntime {ort.__version__} lacks; re-export the bundle or upgrade onnxruntime."
+            ) from exc
+        active = session.get_providers()
+        if _CUDA in self.requested_providers and _CUDA not in active and not self._warned_cpu_fallback:
+            self._warned_cpu_fallback = True
+            logger.warning(
+                "!!! CUDAExecutionProvider was requested but onnxruntime did not activate it for %s: INFERENCE RUNS "
+                "ON CPU (active providers: %s). onnxruntime-gpu falls back silently when no GPU is visible "
+                "(CUDA_VISIBLE_DEVICES, container --gpus) or the CUDA/cuDNN libraries it was built for are missing "
+                "or of another version -- see onnxruntime's own error above. Fix the CUDA setup, or pass "
+                "providers=['CPUExecutionProvider'] to run on CPU deliberately.",
+                path.name, active,
+            )
+        return session
+
+    def _check_io(self) -> None:
+        """Check the graphs' inputs/outputs against the manifest once, at load."""
+        b = self.bundle
+        h, w = b.preprocessing.image_size
+        self._check_graph(self._image, b.graph_spec("image"), b.graph_path("image").name,
+                          IMAGE_INPUT, [None, 3, h, w], IMAGE_OUTPUT)
+        for k, session in enumerate(self._text):
+            self._check_graph(session, b.graph_spec("text", k), b.graph_path("text", k).name,
+                              TEXT_INPUT, [None, b.context_length], TEXT_OUTPUT)
+
+    def _check_graph(self, session: Any, spec: dict, fname: str, input_name: str,
+                     input_shape: list[int | None], output_name: str) -> None:
+        def fail(msg: str) -> BundleError:
+            return BundleError(f"{fname}: {msg}; the graph does not match manifest.json -- re-export the bundle.")
+
+        graph_inputs = {a.name: a for a in session.get_inputs()}
+        graph_outputs = {a.name: a for a in session.get_outputs()}
+        declared = {x.get("name"): x for x in spec["inputs"] if isinstance(x, dict)}
+        if set(graph_inputs) != set(declared):
+            raise fail(f"graph inputs {sorted(graph_inputs)} differ from the manifest's {sorted(declared)}")
+        for name, arg in graph_inputs.items():
+            want = _ORT_TYPES.get(declared[name].get("dtype"))
+            if arg.type != want:
+                raise fail(f"input {name!r} is {arg.type}, the manifest says {declared[name].get('dtype')!r}")
+        for out in spec["outputs"]:
+            name = out.get("name") if isinstance(out, dict) else None
+            if name not in graph_outputs:
+                raise fail(f"graph has no output {name!r} (has {sorted(graph_outputs)})")
+            want = _ORT_TYPES.get(out.get("dtype", "float32"))
+            if graph_outputs[name].type != want:
+                raise fail(f"output {name!r} is {graph_outputs[name].type}, the manifest says {out.get('dtype')!r}")
+        _check_shape(graph_inputs[input_name].shape, input_shape, f"input {input_name!r}", fail)
+        _check_shape(graph_outputs[output_name].shape, [None, self.bundle.embedding_dim], f"output {output_name!r}",
+                     fail)
+
+    def run_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        """float32 ``[B,3,H,W]`` -> float32 ``[B,D]`` image embeddings."""
+        x = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if x.ndim != 4 or x.shape[0] == 0:
+            raise ValueError(f"pixel_values must be a non-empty [B,3,H,W] array, got shape {x.shape}")
+        (out,) = self._image.run([IMAGE_OUTPUT], {IMAGE_INPUT: x})
+        return np.asarray(out, dtype=np.float32)
+
+    def run_text(self, input_ids: np.ndarray, prompt_set: int = 0) -> np.ndarray:
+        """int64 ``[N,L]`` -> float32 ``[N,D]`` text embeddings of ``prompt_set``."""
+        if not 0 <= prompt_set < len(self._text):
+            raise IndexError(f"prompt_set {prompt_set} out of range: the bundle has {len(self._text)} prompt set(s)")
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] != self.bundle.context_length:
+            raise ValueError(f"input_ids must be a non-empty [N,{self.bundle.context_length}] array, got {ids.shape}")
+        (out,) = self._text[prompt_set].run([TEXT_OUTPUT], {TEXT_INPUT: ids})
+        return np.asarray(out, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"OrtRuntime(bundle={str(self.bundle.root)!r}, providers={self.providers})"
+
+
+def _check_shape(actual: list, expected: list[int | None], what: str, fail) -> None:
+    """Compare an onnxruntime shape (ints for static dims, str/None for dynamic) with ``expected``."""
+    if len(actual) != len(expected):
+        raise fail(f"{what} has rank {len(actual)} (shape {actual}), expected rank {len(expected)}")
+    for got, want in zip(actual, expected):
+        if want is not None and isinstance(got, int) and got != want:
+            raise fail(f"{what} has shape {actual}, expected {['N' if d is None else d for d in expected]}")
+
+
+def create_runtime(bundle: Bundle, kind: str = "auto", **kwargs: Any) -> Runtime:
+    """Create the inference runtime ``kind`` for ``bundle``.
+
+    Args:
+        kind: ``"auto"`` (currently onnxruntime) or ``"ort"``. ``"tensorrt"`` is not built in this version.
+        **kwargs: passed to the runtime (``providers``, ``intra_op_threads`` for ort).
+    """
+    if kind in ("auto", "ort"):
+        return OrtRuntime(bundle, **kwargs)
+    if kind == "tensorrt":
+        raise RuntimeUnavailableError("the TensorRT runtime is not built in this version of promptclip; use runtime 'ort'.")
+    raise RuntimeUnavailableError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIME_KINDS[:2])}.")

@@ -1,0 +1,108 @@
+"""Request and response models of the HTTP API (pydantic v2; no BentoML import).
+
+Request models forbid unknown fields, so a misspelt parameter (``topk``) is an error rather than
+silently ignored. Every error response has the :class:`ErrorResponse` shape
+(:meth:`serving.errors.PromptclipError.to_dict`).
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ClassifyParams", "ClassNamesRequest", "EmptyRequest",
+    "ClassScore", "ClassifyResponse", "ClassifyBatchResponse", "ClassListResponse",
+    "AddClassesResponse", "RemoveClassesResponse", "HealthResponse", "ErrorResponse",
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmptyRequest(_Request):
+    """Body of endpoints without parameters (``{}`` or empty)."""
+
+
+class ClassifyParams(_Request):
+    """Non-file form fields of ``/classify`` and ``/classify_batch``."""
+
+    top_k: int | None = Field(
+        default=None,
+        description="Classes to return per image, 1..number of classes (default: min(5, number of classes)).",
+    )
+    classes: list[str] | None = Field(
+        default=None,
+        description="Ad-hoc class list for this request only (a JSON array in one form field, or the field "
+        "repeated once per name); default: the registered classes.",
+    )
+
+
+class ClassNamesRequest(_Request):
+    """JSON body of ``/add_classes`` and ``/remove_classes``."""
+
+    names: list[str] = Field(description="Class names (whitespace is trimmed and collapsed).")
+
+
+class ClassScore(BaseModel):
+    """One ranked class."""
+
+    name: str
+    score: float = Field(description="Softmax probability over the request's class list.")
+    logit: float = Field(description="logit_scale * cosine(image, class text).")
+
+
+class ClassifyResponse(BaseModel):
+    """Top classes of one image, best first."""
+
+    predictions: list[ClassScore]
+
+
+class ClassifyBatchResponse(BaseModel):
+    """Top classes per image, in upload order."""
+
+    results: list[list[ClassScore]]
+
+
+class ClassListResponse(BaseModel):
+    """The active class list."""
+
+    names: list[str]
+    version: int
+    num_classes: int
+
+
+class AddClassesResponse(BaseModel):
+    """Result of ``/add_classes``."""
+
+    added: list[str]
+    version: int
+    num_classes: int
+
+
+class RemoveClassesResponse(BaseModel):
+    """Result of ``/remove_classes``."""
+
+    removed: list[str]
+    version: int
+    num_classes: int
+
+
+class HealthResponse(BaseModel):
+    """Readiness details."""
+
+    status: str
+    method: str
+    backbone: str | None = None
+    num_classes: int
+    classes_version: int
+    runtime: str
+    providers: list[str]
+    embedding_dim: int
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx answer produced by promptclip."""
+
+    error: str = Field(description="Error type, e.g. ClassNameError.")
+    message: str = Field(description="What went wrong and how to fix it.")
+    field: str | None = Field(default=None, description="Request field the error is about.")

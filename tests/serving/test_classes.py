@@ -1,0 +1,231 @@
+"""serving.classes.ClassRegistry: validation, add/remove, persistence, reload and cross-instance safety."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from serving.classes import STATE_FILE, ClassRegistry, ClassStateError
+from serving.errors import BundleError, ClassNameError, RequestError, UnknownClassError
+from serving.tokenizer import ClipTokenizer, default_vocab_path
+
+TEMPLATE = "a photo of a {}."
+INITIAL = ["cat", "dog", "red car"]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> ClipTokenizer:
+    return ClipTokenizer(default_vocab_path())
+
+
+@pytest.fixture
+def make(tokenizer):
+    def make(state_dir=None, initial=INITIAL, **kw) -> ClassRegistry:
+        return ClassRegistry(state_dir, initial, tokenizer=tokenizer, template=TEMPLATE, **kw)
+
+    return make
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def test_normalize_strips_and_collapses_whitespace(make):
+    reg = make()
+    assert reg.normalize_name("  red \t  car\n") == "red car"
+    assert reg.normalize_name("café crème") == "café crème"
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern"),
+    [
+        ("", "empty"),
+        ("   \t ", "empty"),
+        ("bad\x00name", "U\\+0000"),
+        ("zero\u200bwidth", "U\\+200B"),
+        ("rtl\u202eoverride", "U\\+202E"),
+        ("x" * 201, "201 characters long; the limit is 200"),
+        ("a <start_of_text> b", "reserved token"),
+        (42, "must be strings"),
+    ],
+)
+def test_normalize_rejects(make, name, pattern):
+    with pytest.raises(ClassNameError, match=pattern) as info:
+        make().normalize_name(name, field="classes")
+    assert info.value.field == "classes"
+    assert info.value.http_status == 422
+
+
+def test_too_many_tokens_is_refused_with_count_and_limit(make):
+    name = " ".join(["x"] * 80)  # 160 characters but 80 tokens + template + SOT/EOT
+    with pytest.raises(ClassNameError) as info:
+        make().normalize_name(name)
+    msg = str(info.value)
+    assert "tokens long" in msg and "at most 77" in msg and "never truncated" in msg
+
+
+def test_bundle_names_are_validated(make):
+    with pytest.raises(BundleError, match="re-export"):
+        make(initial=["cat", "cat"])
+    with pytest.raises(BundleError, match="not normalised"):
+        make(initial=["cat", " dog"])
+
+
+# -- add / remove ----------------------------------------------------------------------------------
+
+
+def test_add_and_remove_in_memory(make):
+    reg = make()
+    assert reg.version == 1 and reg.names() == INITIAL
+    assert reg.add(["  zebra ", "blue  whale"]) == ["zebra", "blue whale"]
+    assert reg.names() == [*INITIAL, "zebra", "blue whale"]
+    assert reg.version == 2
+    assert reg.remove(["dog"]) == ["dog"]
+    assert reg.names() == ["cat", "red car", "zebra", "blue whale"]
+    assert reg.version == 3
+    assert reg.refresh() is False  # nothing on disk to reload
+
+
+def test_add_refuses_duplicates_and_registered_names(make):
+    reg = make()
+    with pytest.raises(ClassNameError, match="more than once"):
+        reg.add(["zebra", " zebra"])
+    with pytest.raises(ClassNameError, match="already registered"):
+        reg.add(["cat"])
+    with pytest.raises(ClassNameError, match="list of class names"):
+        reg.add("zebra")
+    with pytest.raises(ClassNameError, match="empty"):
+        reg.add([])
+    assert reg.version == 1  # nothing was applied
+    reg.add(["Cat"])  # case-sensitive
+    assert "Cat" in reg
+
+
+def test_add_respects_max_classes(make):
+    reg = make(max_classes=4)
+    reg.add(["zebra"])
+    with pytest.raises(RequestError, match="limit is 4"):
+        reg.add(["lion"])
+
+
+def test_remove_unknown_and_remove_all(make):
+    reg = make()
+    with pytest.raises(UnknownClassError) as info:
+        reg.remove(["dgo"])
+    msg = str(info.value)
+    assert "'dgo'" in msg and "did you mean 'dog'" in msg and "'cat'" in msg
+    assert info.value.http_status == 404
+    with pytest.raises(ClassNameError, match="at least one class must remain"):
+        reg.remove(INITIAL)
+    assert reg.names() == INITIAL
+
+
+# -- persistence -----------------------------------------------------------------------------------
+
+
+def test_state_file_is_created_and_survives_restart(make, tmp_path):
+    reg = make(tmp_path)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert state == {"format": "promptclip.classes", "format_version": 1, "version": 1, "names": INITIAL}
+    reg.add(["zebra"])
+    reg.remove(["dog"])
+    restarted = make(tmp_path, initial=["something", "else"])  # the state file wins over the bundle list
+    assert restarted.names() == ["cat", "red car", "zebra"]
+    assert restarted.version == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{truncated",
+        json.dumps({"format": "other", "format_version": 1, "version": 1, "names": ["a"]}),
+        json.dumps({"format": "promptclip.classes", "format_version": 1, "version": 1, "names": []}),
+        json.dumps({"format": "promptclip.classes", "format_version": 1, "version": "x", "names": ["a"]}),
+        json.dumps({"format": "promptclip.classes", "format_version": 1, "version": 1, "names": ["a\x00"]}),
+    ],
+)
+def test_corrupt_state_file_is_refused_and_kept(make, tmp_path, content):
+    path = tmp_path / STATE_FILE
+    path.write_text(content)
+    with pytest.raises(ClassStateError) as info:
+        make(tmp_path)
+    msg = str(info.value)
+    assert str(path) in msg and "Move it away" in msg
+    assert info.value.http_status == 500
+    assert path.read_text() == content  # never overwritten
+
+
+def test_corrupt_file_during_mutation_is_not_overwritten(make, tmp_path):
+    reg = make(tmp_path)
+    (tmp_path / STATE_FILE).write_text("garbage")
+    with pytest.raises(ClassStateError):
+        reg.add(["zebra"])
+    assert (tmp_path / STATE_FILE).read_text() == "garbage"
+
+
+def test_refresh_sees_changes_of_another_instance(make, tmp_path):
+    a = make(tmp_path)
+    b = make(tmp_path)
+    a.add(["zebra"])
+    assert b.version == 1
+    assert b.refresh() is True
+    assert b.names() == [*INITIAL, "zebra"] and b.version == 2
+    assert b.refresh() is False
+    # b mutates without refreshing first: the change is applied on top of a's newer state.
+    a.add(["lion"])
+    b.add(["tiger"])
+    assert b.names() == [*INITIAL, "zebra", "lion", "tiger"]
+    assert a.refresh() is True and a.names() == b.names() and a.version == b.version == 4
+    with pytest.raises(ClassNameError, match="already registered"):
+        a.add(["tiger"])
+
+
+def test_concurrent_adds_from_two_instances_lose_nothing(make, tmp_path):
+    regs = [make(tmp_path), make(tmp_path)]
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(10):
+                regs[k].add([f"class {k}-{i}"])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    final = make(tmp_path)
+    assert final.version == 21
+    assert sorted(final.names()[3:]) == sorted(f"class {k}-{i}" for k in range(2) for i in range(10))
+
+
+def test_acknowledged_add_survives_kill_9(tmp_path):
+    """A process that got add() back and is then SIGKILLed leaves the class on disk."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from serving.classes import ClassRegistry
+        from serving.tokenizer import ClipTokenizer, default_vocab_path
+        reg = ClassRegistry({str(tmp_path)!r}, {INITIAL!r}, tokenizer=ClipTokenizer(default_vocab_path()),
+                            template={TEMPLATE!r})
+        reg.add(["zebra"])
+        print("acknowledged", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert "acknowledged" in proc.stdout
+    tok = ClipTokenizer(default_vocab_path())
+    reg = ClassRegistry(tmp_path, ["other"], tokenizer=tok, template=TEMPLATE)
+    assert reg.names() == [*INITIAL, "zebra"] and reg.version == 2

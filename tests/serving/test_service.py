@@ -1,0 +1,343 @@
+"""The BentoML HTTP service, in process through its ASGI app, plus the torch-free import check."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from serving.service import ServiceConfigError, ServiceSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_UPLOAD = 200_000
+ENV_KEYS = ("PROMPTCLIP_BUNDLE", "PROMPTCLIP_STATE_DIR", "PROMPTCLIP_API_TOKEN", "PROMPTCLIP_MAX_UPLOAD_BYTES",
+            "PROMPTCLIP_MAX_BATCH_IMAGES", "PROMPTCLIP_RUNTIME")
+
+
+_APP = None
+
+
+def _app():
+    """The service's ASGI app, built once per process: BentoML registers Prometheus metrics in a global
+    registry when the app's middleware stack is built, so a second ``to_asgi()`` app in the same
+    process fails with ``DuplicateTimeseries``. Each ``running()`` re-runs its lifespan, which
+    creates a fresh service instance from the current environment."""
+    global _APP
+    if _APP is None:
+        from serving.service import PromptclipService
+
+        _APP = PromptclipService.to_asgi()
+    return _APP
+
+
+@contextmanager
+def running(env: dict[str, str]) -> Iterator[TestClient]:
+    """A started service (lifespan run) configured by ``env``; never nest two (they share one app)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ENV_KEYS:
+            mp.delenv(key, raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        with TestClient(_app()) as client:
+            yield client
+
+
+@pytest.fixture
+def client(synthetic_bundle, tmp_path) -> Iterator[TestClient]:
+    """A started service with a token, a fresh state dir and small limits (startup ~0.15 s)."""
+    env = {
+        "PROMPTCLIP_BUNDLE": str(synthetic_bundle.path),
+        "PROMPTCLIP_STATE_DIR": str(tmp_path / "state"),
+        "PROMPTCLIP_API_TOKEN": TOKEN,
+        "PROMPTCLIP_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+        "PROMPTCLIP_MAX_BATCH_IMAGES": "3",
+    }
+    with running(env) as c:
+        yield c
+
+
+def _png(image_bytes, seed=0):
+    return ("photo.png", image_bytes(seed), "image/png")
+
+
+def assert_error(resp, status: int, error: str, *, field: str | None = None, contains: str = "") -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"] == error, body
+    assert isinstance(body["message"], str) and body["message"]
+    if field is not None:
+        assert body.get("field") == field, body
+    assert contains in body["message"], body
+    return body
+
+
+# -- classification --------------------------------------------------------------------------------
+
+
+def test_classify(client, image_bytes, synthetic_bundle):
+    resp = client.post("/classify", files={"image": _png(image_bytes)}, data={"top_k": "3"})
+    assert resp.status_code == 200, resp.text
+    preds = resp.json()["predictions"]
+    assert len(preds) == 3
+    assert [p["score"] for p in preds] == sorted((p["score"] for p in preds), reverse=True)
+    assert {p["name"] for p in preds} <= set(synthetic_bundle.class_names)
+    default = client.post("/classify", files={"image": _png(image_bytes)}).json()["predictions"]
+    assert len(default) == 5
+    assert [p["name"] for p in default[:3]] == [p["name"] for p in preds]
+
+
+def test_classify_adhoc_classes(client, image_bytes):
+    as_json = client.post("/classify", files={"image": _png(image_bytes)},
+                          data={"classes": json.dumps(["zebra", "cat"])})
+    assert as_json.status_code == 200, as_json.text
+    preds = as_json.json()["predictions"]
+    assert {p["name"] for p in preds} == {"zebra", "cat"}
+    assert sum(p["score"] for p in preds) == pytest.approx(1.0)
+    repeated = client.post("/classify", files=[("image", _png(image_bytes))],
+                           data={"classes": ["zebra", "cat"], "top_k": "1"})
+    assert repeated.status_code == 200, repeated.text
+    assert repeated.json()["predictions"][0]["name"] == preds[0]["name"]
+
+
+def test_classify_batch(client, image_bytes):
+    files = [("images", _png(image_bytes, s)) for s in range(3)]
+    resp = client.post("/classify_batch", files=files, data={"top_k": "2"})
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert len(results) == 3 and all(len(r) == 2 for r in results)
+    single = client.post("/classify", files={"image": _png(image_bytes, 1)}, data={"top_k": "2"}).json()
+    assert [p["name"] for p in results[1]] == [p["name"] for p in single["predictions"]]
+    assert [p["score"] for p in results[1]] == pytest.approx([p["score"] for p in single["predictions"]], abs=1e-6)
+
+
+def test_classify_batch_limits(client, image_bytes):
+    files = [("images", _png(image_bytes, s)) for s in range(4)]
+    assert_error(client.post("/classify_batch", files=files), 422, "RequestError", field="images",
+                 contains="at most 3")
+    files = [("images", _png(image_bytes, 0)), ("images", ("x.png", b"garbage", "image/png"))]
+    assert_error(client.post("/classify_batch", files=files), 400, "ImageDecodeError", contains="image 2 of 2")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "error", "field", "contains"),
+    [
+        ({"files": {"image": ("a.txt", b"hello, not an image", "text/plain")}}, 400, "ImageDecodeError", "image",
+         "not a recognised image"),
+        ({"files": {"image": ("a.png", b"", "image/png")}}, 400, "ImageDecodeError", "image", "empty"),
+        ({"data": {"top_k": "0"}}, 422, "RequestError", "top_k", "between 1 and 6"),
+        ({"data": {"top_k": "99"}}, 422, "RequestError", "top_k", "between 1 and 6"),
+        ({"data": {"top_k": "abc"}}, 422, "RequestError", "top_k", "integer"),
+        ({"data": {"topk": "3"}}, 422, "RequestError", "topk", "unknown form field"),
+        ({"data": {"classes": json.dumps(["cat", " ".join(["x"] * 90)])}}, 422, "ClassNameError", "classes",
+         "tokens long"),
+        ({"data": {"classes": json.dumps(["cat", "cat"])}}, 422, "ClassNameError", "classes", "more than once"),
+        ({"data": {"classes": json.dumps(["cat", "bad\u0000name"])}}, 422, "ClassNameError", "classes", "U+0000"),
+        ({"data": {"classes": "[not json"}}, 422, "RequestError", "classes", "JSON"),
+        ({"data": {"classes": "[]"}}, 422, "RequestError", "classes", "empty"),
+    ],
+)
+def test_classify_bad_input(client, image_bytes, kwargs, status, error, field, contains):
+    kwargs = dict(kwargs)
+    kwargs.setdefault("files", {"image": _png(image_bytes)})
+    assert_error(client.post("/classify", **kwargs), status, error, field=field, contains=contains)
+
+
+def test_classify_truncated_image(client, image_bytes):
+    data = image_bytes(0, size=(64, 64))
+    resp = client.post("/classify", files={"image": ("a.png", data[: len(data) // 2], "image/png")})
+    assert_error(resp, 400, "ImageDecodeError", field="image", contains="truncated")
+
+
+def test_classify_request_shape_errors(client, image_bytes):
+    # The image under another field name (BentoML's own parser answers this with a 500).
+    assert_error(client.post("/classify", files={"file": _png(image_bytes)}), 422, "RequestError", field="file",
+                 contains="'image'")
+    # A text value where the file belongs (BentoML's own parser would try to download it as a URL).
+    resp = client.post("/classify", files={"other": ("x", b"1", "text/plain")}, data={"image": "cat.jpg"})
+    assert resp.status_code == 422
+    resp = client.post("/classify", data={"image": "cat.jpg"}, files={"image2": ("x", b"", "text/plain")})
+    assert resp.status_code == 422
+    resp = client.post("/classify", files=[("image", ("a", b"x", "text/plain"))], data={"image": "cat.jpg"})
+    assert_error(resp, 422, "RequestError", field="image", contains="must be a file upload")
+    # No image at all, two images, a JSON body, a raw image body.
+    assert_error(client.post("/classify", files={"top_k": (None, "3")}), 422, "RequestError", field="image",
+                 contains="no image uploaded")
+    two = [("image", _png(image_bytes, 0)), ("image", _png(image_bytes, 1))]
+    assert_error(client.post("/classify", files=two), 422, "RequestError", contains="/classify_batch")
+    assert_error(client.post("/classify", json={"image": "x"}), 415, "UnsupportedMediaTypeError",
+                 contains="multipart/form-data")
+    assert_error(client.post("/classify", content=image_bytes(0), headers={"Content-Type": "image/png"}), 415,
+                 "UnsupportedMediaTypeError", contains="curl -F image=@")
+
+
+def test_upload_too_large(client):
+    big = b"\0" * (MAX_UPLOAD + 1)
+    resp = client.post("/classify", files={"image": ("big.png", big, "image/png")})
+    body = assert_error(resp, 413, "PayloadTooLargeError", contains="PROMPTCLIP_MAX_UPLOAD_BYTES")
+    assert f"{MAX_UPLOAD:,}" in body["message"]
+
+    def chunks():  # no Content-Length: transfer-encoding chunked
+        for _ in range(5):
+            yield b"\0" * (MAX_UPLOAD // 4)
+
+    resp = client.post("/classify", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert_error(resp, 413, "PayloadTooLargeError")
+
+
+def test_chunked_upload_within_limit(client, image_bytes):
+    import httpx
+
+    req = httpx.Request("POST", "http://testserver/classify", files={"image": _png(image_bytes)})
+    body = req.read()
+
+    def chunks():
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    resp = client.post("/classify", content=chunks(), headers={"Content-Type": req.headers["Content-Type"]})
+    assert resp.status_code == 200, resp.text
+
+
+# -- class management ------------------------------------------------------------------------------
+
+
+def test_list_classes_is_open(client, synthetic_bundle):
+    resp = client.post("/classes")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["names"][:6] == synthetic_bundle.class_names and body["num_classes"] == len(body["names"])
+    assert isinstance(body["version"], int)
+    assert_error(client.post("/classes", json={"verbose": True}), 422, "RequestError", field="verbose")
+
+
+@pytest.mark.parametrize(
+    ("headers", "contains"),
+    [({}, "Authorization: Bearer"), ({"Authorization": "Bearer nope"}, "invalid API token"),
+     ({"Authorization": "Basic abc"}, "malformed"), ({"Authorization": TOKEN}, "malformed")],
+)
+def test_mutations_need_the_token(client, headers, contains):
+    for route in ("/add_classes", "/remove_classes"):
+        resp = client.post(route, json={"names": ["zebra"]}, headers=headers)
+        assert_error(resp, 401, "AuthError", contains=contains)
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    # Auth is checked before the body: no validation details leak to anonymous callers.
+    assert_error(client.post("/add_classes", content=b"{bad", headers=headers), 401, "AuthError")
+
+
+def test_add_and_remove_classes(client, image_bytes):
+    before = client.post("/classes").json()
+    resp = client.post("/add_classes", json={"names": ["  snow   leopard ", "fire truck"]}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["added"] == ["snow leopard", "fire truck"]
+    assert body["version"] == before["version"] + 1 and body["num_classes"] == before["num_classes"] + 2
+    listed = client.post("/classes").json()
+    assert listed["names"][-2:] == ["snow leopard", "fire truck"]
+    preds = client.post("/classify", files={"image": _png(image_bytes)},
+                        data={"top_k": str(listed["num_classes"])}).json()["predictions"]
+    assert {"snow leopard", "fire truck"} <= {p["name"] for p in preds}
+
+    assert_error(client.post("/add_classes", json={"names": ["fire truck"]}, headers=AUTH), 422, "ClassNameError",
+                 field="names", contains="already registered")
+    resp = client.post("/remove_classes", json={"names": ["snow leopard", "fire truck"]}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["removed"] == ["snow leopard", "fire truck"]
+    assert client.post("/classes").json()["names"] == before["names"]
+    assert_error(client.post("/remove_classes", json={"names": ["snow leopard"]}, headers=AUTH), 404,
+                 "UnknownClassError", field="names", contains="not registered")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error", "field", "contains"),
+    [
+        ({"names": ["x" * 201]}, 422, "ClassNameError", "names", "the limit is 200"),
+        ({"names": [" ".join(["x"] * 90)]}, 422, "ClassNameError", "names", "at most 77"),
+        ({"names": ["a", "a"]}, 422, "ClassNameError", "names", "more than once"),
+        ({"names": []}, 422, "ClassNameError", "names", "empty"),
+        ({"names": ["   "]}, 422, "ClassNameError", "names", "empty"),
+        ({"names": "zebra"}, 422, "RequestError", "names", "valid array"),
+        ({"nmes": ["zebra"]}, 422, "RequestError", "nmes", "unknown field"),
+        ({}, 422, "RequestError", "names", "required"),
+        ([1, 2], 422, "RequestError", None, "JSON object"),
+    ],
+)
+def test_add_classes_bad_input(client, body, status, error, field, contains):
+    assert_error(client.post("/add_classes", json=body, headers=AUTH), status, error, field=field, contains=contains)
+
+
+def test_add_classes_bad_body(client):
+    assert_error(client.post("/add_classes", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}),
+                 422, "RequestError", contains="not valid JSON")
+    assert_error(client.post("/add_classes", files={"names": ("n", b"zebra")}, headers=AUTH), 415,
+                 "UnsupportedMediaTypeError", contains="JSON")
+    assert_error(client.post("/remove_classes", json={"names": ["cat", "dog", "red car", "tree", "airplane",
+                                                                "sailing boat"]}, headers=AUTH),
+                 422, "ClassNameError", contains="at least one class must remain")
+
+
+def test_healthz(client):
+    resp = client.post("/healthz")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["status"] == "ok" and body["method"] == "synthetic" and body["runtime"] == "ort"
+    assert body["providers"] == ["CPUExecutionProvider"] and body["num_classes"] >= 6
+    # BentoML's own liveness/readiness probes stay in place.
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_settings_from_env(tmp_path):
+    with pytest.raises(ServiceConfigError, match="PROMPTCLIP_BUNDLE is not set"):
+        ServiceSettings.from_env({})
+    with pytest.raises(ServiceConfigError, match="PROMPTCLIP_MAX_UPLOAD_BYTES='lots' is not an integer"):
+        ServiceSettings.from_env({"PROMPTCLIP_BUNDLE": "b", "PROMPTCLIP_MAX_UPLOAD_BYTES": "lots"})
+    s = ServiceSettings.from_env({"PROMPTCLIP_BUNDLE": "b", "PROMPTCLIP_API_TOKEN": " ", "PROMPTCLIP_STATE_DIR": ""})
+    assert s.api_token is None and s.state_dir is None and s.runtime == "auto"
+
+
+def test_open_service_and_state_errors(synthetic_bundle, tmp_path):
+    """Without a token mutations are open; a corrupt state file is a 500 with a clear JSON body."""
+    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path)}
+    with running(env) as c:
+        resp = c.post("/add_classes", json={"names": ["zebra"]})
+        assert resp.status_code == 200 and resp.json()["version"] == 2
+        (tmp_path / "classes.json").write_text("{oops")
+        body = assert_error(c.post("/classes"), 500, "ClassStateError", contains="Move it away")
+        assert str(tmp_path / "classes.json") in body["message"]
+
+
+def test_service_import_and_classification_are_torch_free(synthetic_bundle, image_bytes, tmp_path):
+    img = tmp_path / "img.png"
+    img.write_bytes(image_bytes(0))
+    script = textwrap.dedent(f"""
+        import sys
+        import serving.service
+        heavy = [m for m in ("torch", "torchvision", "open_clip") if m in sys.modules]
+        assert not heavy, f"imported at module load: {{heavy}}"
+        from serving.classifier import Classifier
+        clf = Classifier.from_bundle({str(synthetic_bundle.path)!r})
+        clf.add_classes(["zebra"])
+        rows = clf.classify_bytes([open({str(img)!r}, "rb").read()], top_k=3)
+        assert len(rows[0]) == 3
+        heavy = [m for m in ("torch", "torchvision", "open_clip") if m in sys.modules]
+        assert not heavy, f"imported while serving: {{heavy}}"
+        print("torch-free ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PROMPTCLIP_BUNDLE": str(synthetic_bundle.path),
+           "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch-free ok" in proc.stdout

@@ -1,0 +1,89 @@
+"""The `promptclip` command: listings, help, and one clear error line (exit 2, no traceback) for user mistakes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from training.cli import main
+
+SUBCOMMANDS = ["train", "eval", "export", "serve", "classify", "demo", "methods", "backbones"]
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_help_explains_each_subcommand(sub, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([sub, "--help"])
+    assert exc.value.code == 0
+    assert "usage: promptclip " + sub in capsys.readouterr().out
+
+
+def test_listings(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "ivlp" in out and "coop" in out and "zeroshot" in out
+    assert main(["backbones"]) == 0
+    assert "ViT-B-16" in capsys.readouterr().out
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_method_and_backbone(capsys, shapes_root, tmp_path):
+    assert main(["train", "--method", "coopp", "--data", str(shapes_root), "--out", str(tmp_path / "r"),
+                 "--backbone", "tiny-test"]) == 2
+    assert "known methods: zeroshot, coop, ivlp" in _err(capsys)
+    assert main(["train", "--method", "coop", "--data", str(shapes_root), "--out", str(tmp_path / "r"),
+                 "--backbone", "vit-b-16"]) == 2
+    assert "known backbones" in _err(capsys)
+
+
+def test_missing_dataset_and_bad_set(capsys, tmp_path):
+    assert main(["train", "--method", "coop", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
+                 "--backbone", "tiny-test"]) == 2
+    assert "nope" in _err(capsys)
+    assert main(["train", "--method", "coop", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--backbone", "tiny-test", "--set", "n_ctx"]) == 2
+    assert "key=value" in _err(capsys)
+
+
+def test_export_and_serve_bad_paths(capsys, tmp_path):
+    assert main(["export", "--artifact", str(tmp_path / "none"), "--out", str(tmp_path / "b")]) == 2
+    assert "does not exist" in _err(capsys)
+    assert main(["serve", "--bundle", str(tmp_path / "none")]) == 2
+    assert "bundle" in _err(capsys).lower()
+
+
+def test_train_eval_export_classify_via_cli(capsys, shapes_root, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--method", "coop", "--data", str(shapes_root), "--out", str(run), "--backbone", "tiny-test",
+                 "--set", "n_ctx=4", "--max-steps", "2", "--batch-size", "8", "--shots", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "harmonic_mean" in out
+    assert main(["eval", "--artifact", str(run / "artifact"), "--data", str(shapes_root), "--subsample", "new",
+                 "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["num_classes"] == 4 and 0 <= res["accuracy"] <= 1
+    assert main(["export", "--artifact", str(run / "artifact"), "--out", str(tmp_path / "bundle"),
+                 "--exporter", "torchscript", "--classes", "red circle,blue square,zebra"]) == 0
+    capsys.readouterr()
+    image = next((shapes_root / "test").glob("*/*.png"))
+    assert main(["classify", "--bundle", str(tmp_path / "bundle"), str(image), "--top-k", "2"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert len(line["predictions"]) == 2
+    assert main(["classify", "--bundle", str(tmp_path / "bundle"), str(image), "--top-k", "9"]) == 2
+    assert "top_k" in _err(capsys)
+
+
+def test_console_script_is_installed():
+    """`promptclip` on PATH (the README's commands run as a new user would)."""
+    import shutil
+
+    exe = shutil.which("promptclip") or str(__import__("pathlib").Path(sys.executable).parent / "promptclip")
+    r = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ivlp" in r.stdout
