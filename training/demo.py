@@ -149,18 +149,21 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "tiny
             r = client.post("/add_classes", json={"names": [probe_class]})
             r.raise_for_status()
             _say("add class", f"added {probe_class!r} at runtime -> {r.json()}")
-            after = _classify(client, image_path)
-            _say("classify", f"{Path(image_path).name} again -> {_show(after)}")
-            if probe_class not in [p["name"] for p in after] and len(after) >= len(base) + 1:
-                raise RuntimeError(f"runtime-added class {probe_class!r} missing from the answer")
+            after = _classify(client, image_path, top_k=len(base) + 1)
+            rank = [p["name"] for p in after].index(probe_class) + 1 if probe_class in [p["name"] for p in after] else None
+            if rank is None:
+                raise RuntimeError(f"runtime-added class {probe_class!r} missing from the answer: {after}")
+            _say("classify", f"{Path(image_path).name} again -> {_show(after[:3])}; the added class "
+                             f"{probe_class!r} ranks {rank} of {len(after)}")
         _say("stop", f"stopping server pid {server.proc.pid}")
     _say("done", f"in {time.monotonic() - t0:.0f}s; artifacts under {out}")
     return 0
 
 
-def _classify(client, image_path: str) -> list[dict]:
+def _classify(client, image_path: str, top_k: int = 3) -> list[dict]:
     with open(image_path, "rb") as f:
-        r = client.post("/classify", files={"image": (Path(image_path).name, f, "image/png")}, data={"top_k": "3"})
+        r = client.post("/classify", files={"image": (Path(image_path).name, f, "image/png")},
+                        data={"top_k": str(top_k)})
     if r.status_code != 200:
         raise RuntimeError(f"/classify answered {r.status_code}: {r.text}")
     body = r.json()
