@@ -49,6 +49,8 @@ class BackboneSpec:
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    #: local weight files shipped with (or produced by) promptclip, by tag: {"toyworld": "training/toyworld/..."}
+    weights_files: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.open_clip_name is None) == (self.model_cfg is None):
@@ -64,6 +66,16 @@ TINY_TEST_CFG: dict[str, Any] = {
 }
 
 
+#: The toy world's CLIP (issue 3): embed 64, 4-layer width-128 ViT (patch 8, 32 px), 4-layer width-128 text tower
+#: with the real BPE vocabulary and context length. Weights: ``promptclip toyworld pretrain``.
+TOY_CLIP_CFG: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
+}
+TOY_CLIP_WEIGHTS = "toyworld/weights/toy-clip.safetensors"  # relative to the training package
+
+
 def _build_registry() -> dict[str, BackboneSpec]:
     specs = [
         BackboneSpec("ViT-B-16", "OpenAI CLIP ViT-B/16 (the papers' backbone)", open_clip_name="ViT-B-16",
@@ -72,6 +84,9 @@ def _build_registry() -> dict[str, BackboneSpec]:
         BackboneSpec("ViT-L-14", "OpenAI CLIP ViT-L/14", open_clip_name="ViT-L-14", quick_gelu=True),
         BackboneSpec("tiny-test", "2-layer random-init CLIP for tests (32 px, width 64, real BPE vocab)",
                      model_cfg=TINY_TEST_CFG, default_pretrained="none"),
+        BackboneSpec("toy-clip", "8M-param CLIP pretrained offline on the procedural toy world (32 px)",
+                     model_cfg=TOY_CLIP_CFG, default_pretrained="toyworld",
+                     weights_files={"toyworld": TOY_CLIP_WEIGHTS}),
     ]
     registry: dict[str, BackboneSpec] = {}
     for spec in specs:
@@ -182,13 +197,23 @@ def create_backbone(
         )
         model = _instantiate(spec, open_clip)
         pretrained = "none"
-    elif os.path.isfile(pretrained):
+    elif pretrained in spec.weights_files or os.path.isfile(pretrained):
+        if pretrained in spec.weights_files:
+            path = Path(__file__).resolve().parent / spec.weights_files[pretrained]
+            if not path.is_file():
+                raise BackboneError(
+                    f"{name} weights {pretrained!r} are not built yet ({path} is missing); run "
+                    f"'promptclip toyworld pretrain' once (about 15 minutes on 2 CPU cores)"
+                )
+            pretrained_path = str(path)
+        else:
+            pretrained_path = pretrained
         model = _instantiate(spec, open_clip)
         try:
-            open_clip.load_checkpoint(model, pretrained, strict=True)
+            load_weights_file(model, pretrained_path)
         except Exception as exc:  # open_clip raises RuntimeError/KeyError/pickle errors for bad files
             raise BackboneError(
-                f"could not load weights file {pretrained!r} into backbone {name!r}: {exc}. "
+                f"could not load weights file {pretrained_path!r} into backbone {name!r}: {exc}. "
                 f"Pass an open_clip/OpenAI checkpoint (.pt/.bin/.safetensors) of the same architecture."
             ) from exc
     elif _looks_like_path(pretrained):
@@ -232,6 +257,48 @@ def create_backbone(
                         init_seed=init_seed, preprocess=preprocess)
     log.info("Backbone: %s", backbone.describe_weights())
     return backbone
+
+
+SPARSE_ROWS_KEY = "token_embedding.rows"
+SPARSE_VALUES_KEY = "token_embedding.values"
+
+
+def load_weights_file(model: torch.nn.Module, path: str) -> None:
+    """Load a checkpoint strictly. Besides open_clip's formats, reads promptclip's compact safetensors format in
+    which the token embedding is stored as the rows that were ever trained (``token_embedding.rows`` ids +
+    ``token_embedding.values``); all other rows are zero (they were zero-initialised and never updated)."""
+    import open_clip
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        if SPARSE_ROWS_KEY in state:
+            rows, values = state.pop(SPARSE_ROWS_KEY), state.pop(SPARSE_VALUES_KEY)
+            emb = torch.zeros_like(model.token_embedding.weight)
+            emb[rows.long()] = values.to(emb.dtype)
+            state["token_embedding.weight"] = emb
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            model.load_state_dict(state, strict=True)
+            return
+    open_clip.load_checkpoint(model, path, strict=True)
+
+
+def save_compact_weights(model: torch.nn.Module, path: str | Path, *, dtype: torch.dtype = torch.float16,
+                         metadata: dict[str, str] | None = None) -> Path:
+    """Save ``model`` in the compact format of :func:`load_weights_file` (only non-zero token-embedding rows)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    emb = state.pop("token_embedding.weight")
+    rows = torch.nonzero(emb.abs().sum(-1) > 0).flatten()
+    state[SPARSE_ROWS_KEY] = rows.to(torch.int64)
+    state[SPARSE_VALUES_KEY] = emb[rows]
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata)
+    return path
 
 
 def _instantiate(spec: BackboneSpec, open_clip) -> torch.nn.Module:

@@ -179,6 +179,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     pretrained=args.pretrained)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PromptclipError(f"expected comma-separated integers, got {text!r} (e.g. --seeds 1,2,3)") from None
+
+
+def cmd_toyworld_pretrain(args: argparse.Namespace) -> int:
+    from training.toyworld.pretrain import DEFAULT_WEIGHTS_PATH, PretrainConfig, pretrain
+
+    cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads)
+    info = pretrain(cfg, args.out or DEFAULT_WEIGHTS_PATH)
+    print(json.dumps({k: info[k] for k in ("file", "sha256", "seconds", "zero_shot_all120_by_style")}, indent=2))
+    return 0
+
+
+def cmd_toyworld_preview(args: argparse.Namespace) -> int:
+    from training.toyworld.preview import save_contact_sheet
+
+    path = save_contact_sheet(args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench_toyworld(args: argparse.Namespace) -> int:
+    from training.toyworld.bench import BenchConfig, run_bench
+
+    values: dict[str, Any] = {"shots": args.shots, "steps": args.steps, "backbone": args.backbone,
+                              "pretrained": args.pretrained}
+    if args.methods:
+        values["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        from training.methods import get_method_class
+
+        for m in values["methods"]:
+            get_method_class(m)  # unknown name -> clear error before any work
+    if args.seeds:
+        values["seeds"] = _int_list(args.seeds)
+    if args.styles:
+        values["styles"] = tuple(s.strip() for s in args.styles.split(",") if s.strip())
+    if args.num_classes:
+        values["num_classes"] = args.num_classes
+    cfg = BenchConfig(**{k: v for k, v in values.items() if v is not None})
+    summary = run_bench(cfg, args.out, progress=args.progress)
+    print((Path(args.out) / "results.md").read_text())
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="promptclip", description=(
@@ -271,6 +320,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backbone", default="tiny-test")
     s.add_argument("--pretrained", default=None)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("toyworld", help="the offline toy world: pretrain toy-clip, preview the styles")
+    tw = s.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
+    t = tw.add_parser("pretrain", help="contrastively pretrain toy-clip on the procedural world (deterministic)")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--out", help="weights file (default: the packaged toy-clip weights that --pretrained toyworld loads)")
+    t.set_defaults(func=cmd_toyworld_pretrain)
+    t = tw.add_parser("preview", help="write a PNG contact sheet of the world's styles")
+    t.add_argument("--out", default="toyworld_styles.png")
+    t.set_defaults(func=cmd_toyworld_preview)
+
+    s = sub.add_parser("bench", help="benchmarks: 'bench toyworld' = few-shot base-to-novel / cross-style / DG on the toy world")
+    bw = s.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    t = bw.add_parser("toyworld", help="every registered method on the toy world's styles; tables + PNG charts",
+                      description="Base-to-novel per style, cross-style transfer and domain generalisation on the toy "
+                                  "world; resumes finished runs from OUT/runs.jsonl.")
+    t.add_argument("--methods", help="comma-separated (default: every registered method)")
+    t.add_argument("--seeds", help="comma-separated (default 1,2,3)")
+    t.add_argument("--shots", type=int)
+    t.add_argument("--steps", type=int, help="optimisation steps per training run")
+    t.add_argument("--styles", help="comma-separated subset of clean,sketch,noisy,lowres,palette")
+    t.add_argument("--num-classes", type=int, help="classes per style")
+    t.add_argument("--backbone", default=None)
+    t.add_argument("--pretrained", default=None)
+    t.add_argument("--out", default="bench_toyworld")
+    t.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    t.add_argument("--progress", action="store_true", help="progress bars per training run")
+    t.set_defaults(func=cmd_bench_toyworld)
     return p
 
 
