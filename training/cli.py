@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo_out")
     s.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     s.add_argument("--steps", type=int, default=60)
-    s.add_argument("--backbone", default="tiny-test")
+    s.add_argument("--backbone", default="toy-clip", help="toy-clip (pretrained offline on the toy world) or tiny-test")
     s.add_argument("--pretrained", default=None)
     s.set_defaults(func=cmd_demo)
 

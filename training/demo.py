@@ -92,14 +92,23 @@ def _show(preds: list[dict]) -> str:
     return ", ".join(f"{p['name']} ({100 * p['score']:.1f}%)" for p in preds)
 
 
-def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "tiny-test",
+#: demo classes (none held out from toy-clip's pretraining); base = first half of the sorted names (CoOp rule)
+DEMO_CLASSES = (("blue", "circle"), ("green", "triangle"), ("orange", "star"), ("pink", "heart"),
+                ("purple", "hexagon"), ("red", "circle"), ("teal", "diamond"), ("yellow", "square"))
+#: a colour-shape combination toy-clip never saw in pretraining, added at runtime
+RUNTIME_CLASS = ("green", "crescent")
+
+
+def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "toy-clip",
              pretrained: str | None = None) -> int:
-    """Run the offline demo into ``out`` (recreated); returns 0 on success."""
+    """Run the offline demo into ``out``; returns 0 on success."""
     import httpx
+    import numpy as np
 
     from export.bundle import export_bundle
-    from training.data import make_shapes_dataset, read_image_folder, subsample_classes
+    from training.data import subsample_classes
     from training.engine import TrainConfig
+    from training.toyworld import world
     from training.workflow import train_run
 
     t0 = time.monotonic()
@@ -108,15 +117,14 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "tiny
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    from training.backbone import get_backbone_spec
-
-    size = int(get_backbone_spec(backbone).model_cfg["vision_cfg"]["image_size"]) if get_backbone_spec(backbone).model_cfg else 224
-    splits = make_shapes_dataset(out / "data", train_per_class=16, test_per_class=8, size=size, seed=0)
+    splits = world.write_style_dataset(out / "data", "clean", classes=DEMO_CLASSES, train_per_class=16,
+                                       test_per_class=8, seed=0)
     base = subsample_classes(splits, "base").classnames
     new = subsample_classes(splits, "new").classnames
-    _say("data", f"{len(splits.classnames)} classes of coloured shapes in {out / 'data'}; base {base}; new {new}")
+    _say("data", f"{len(splits.classnames)} toy-world classes ('clean' style) in {out / 'data'}; "
+                 f"base {base}; new {new}")
 
-    cfg = TrainConfig(epochs=1000, max_steps=steps, batch_size=16, lr=0.01, precision="fp32", device="auto", seed=1,
+    cfg = TrainConfig(epochs=1000, max_steps=steps, batch_size=16, lr=0.01, precision="auto", device="auto", seed=1,
                       log_every=10)
     res = train_run(method_name="ivlp", data_root=out / "data", out_dir=out / "run", backbone_name=backbone,
                     pretrained=pretrained, method_config=_fit_depth(backbone), train_config=cfg, shots=16,
@@ -125,42 +133,47 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "tiny
     _say("weights", m["weights"])
     if "RANDOM" in m["weights"]:
         _say("note", "random weights: the accuracies below exercise the code path and mean nothing about CLIP")
-    _say("train", f"ivlp, {m['train_steps']} steps in {m['train_seconds']:.1f}s "
+    _say("train", f"ivlp on the {len(base)} base classes, {m['train_steps']} steps in {m['train_seconds']:.1f}s "
                   f"({m['train_images_per_second']:.0f} img/s); train acc {100 * m['train_accuracy']:.1f}%")
     _say("eval", f"base acc {100 * m['base_accuracy']:.1f}%, new acc {100 * m['new_accuracy']:.1f}%, "
                  f"HM {100 * m['harmonic_mean']:.1f}% (chance {100 / len(base):.0f}%)")
 
-    bundle = export_bundle(res.artifact, out / "bundle", class_names=base)
+    bundle = export_bundle(res.artifact, out / "bundle", class_names=splits.classnames)
     manifest = json.loads((bundle / "manifest.json").read_text())
     par = manifest["parity"]
     _say("export", f"{bundle}: image parity max abs {par['image']['max_abs']:.1e}, text {par['text']['max_abs']:.1e}; "
-                   f"classes {manifest['classes']['names']}")
+                   f"{len(manifest['classes']['names'])} classes (base + new: new names need no training)")
 
-    probe_class = new[0]
-    test = read_image_folder(out / "data").test
-    label = splits.classnames.index(probe_class)
-    image_path = next(s.path for s in test if s.label == label)
+    rng = np.random.default_rng(123)
+    probes = {}
+    for color, shape in (("red", "circle"), RUNTIME_CLASS):
+        path = out / f"probe-{color}-{shape}.png"
+        world.render(world.sample_scene(rng, color, shape, style="clean"), style="clean", size=32, rng=rng).save(path)
+        probes[world.class_name(color, shape)] = path
+    added = world.class_name(*RUNTIME_CLASS)
     with ServerProcess(bundle, port=port or None, state_dir=out / "state", log_path=out / "server.log") as server:
         server.wait_ready()
         _say("serve", f"bentoml serve up at {server.url} (pid {server.proc.pid})")
         with httpx.Client(base_url=server.url, timeout=60.0) as client:
-            before = _classify(client, image_path)
-            _say("classify", f"{Path(image_path).name} (a {probe_class!r}) -> {_show(before)}")
-            r = client.post("/add_classes", json={"names": [probe_class]})
+            preds = _classify(client, probes["red circle"])
+            _say("classify", f"an image of a red circle -> {_show(preds)}")
+            preds = _classify(client, probes[added])
+            _say("classify", f"an image of a {added} (not a class yet) -> {_show(preds)}")
+            r = client.post("/add_classes", json={"names": [added]})
             r.raise_for_status()
-            _say("add class", f"added {probe_class!r} at runtime -> {r.json()}")
-            after = _classify(client, image_path, top_k=len(base) + 1)
-            rank = [p["name"] for p in after].index(probe_class) + 1 if probe_class in [p["name"] for p in after] else None
-            if rank is None:
-                raise RuntimeError(f"runtime-added class {probe_class!r} missing from the answer: {after}")
-            _say("classify", f"{Path(image_path).name} again -> {_show(after[:3])}; the added class "
-                             f"{probe_class!r} ranks {rank} of {len(after)}")
+            _say("add class", f"added {added!r} at runtime (a combination toy-clip never saw) -> {r.json()}")
+            after = _classify(client, probes[added], top_k=len(splits.classnames) + 1)
+            names = [p["name"] for p in after]
+            if added not in names:
+                raise RuntimeError(f"runtime-added class {added!r} missing from the answer: {after}")
+            _say("classify", f"the {added} image again -> {_show(after[:3])}; {added!r} ranks "
+                             f"{names.index(added) + 1} of {len(after)}")
         _say("stop", f"stopping server pid {server.proc.pid}")
     _say("done", f"in {time.monotonic() - t0:.0f}s; artifacts under {out}")
     return 0
 
 
-def _classify(client, image_path: str, top_k: int = 3) -> list[dict]:
+def _classify(client, image_path, top_k: int = 3) -> list[dict]:
     with open(image_path, "rb") as f:
         r = client.post("/classify", files={"image": (Path(image_path).name, f, "image/png")},
                         data={"top_k": str(top_k)})

@@ -16,9 +16,9 @@ from training.artifact import PromptArtifact, load_prompt_artifact, save_prompt_
 from training.backbone import Backbone, create_backbone
 from training.data import (DatasetSplits, ImageListDataset, Sample, make_loader, read_image_folder,
                            sample_few_shot, subsample_classes)
-from training.engine import TrainConfig, evaluate, train
+from training.engine import TrainConfig, evaluate, resolve_device, train
 from training.errors import DatasetError
-from training.methods import PromptMethod, create_method
+from training.methods import PromptMethod, TrainContext, create_method
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +111,24 @@ def train_run(
             log.warning("only %d training images for batch_size=%d: batches will be smaller", len(train_samples),
                         cfg.batch_size)
         tf = train_transform(backbone, cfg.augment)
-        method.prepare_training(train_samples, splits.classnames)
+        device = resolve_device(cfg.device)
+        method.to(device)
+        ctx = TrainContext(
+            classnames=splits.classnames, dataset_template=template, class_token_ids=class_ids,
+            image_loader=_loader(train_samples, eval_transform(backbone), cfg.batch_size, shuffle=False, seed=0,
+                                 num_workers=cfg.num_workers, cache=True),
+            tokenize=backbone.tokenizer(), device=device, out_dir=out_dir)
+        method.prepare_training(ctx)
 
         def loader_factory(epoch: int):
             return _loader(train_samples, tf, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
                            num_workers=cfg.num_workers, cache=True)
 
-        result = train(method, loader_factory, class_ids, cfg, out_dir=out_dir / "checkpoint", progress=progress)
+        result = train(method, loader_factory, class_ids, cfg, out_dir=out_dir / "checkpoint",
+                       callbacks=method.training_callbacks(), progress=progress)
+        diagnostics = method.write_diagnostics(ctx)
+        if diagnostics:
+            metrics["diagnostics"] = [str(p) for p in diagnostics]
         metrics.update({"train_steps": result.steps, "train_seconds": round(result.seconds, 2),
                         "train_images_per_second": round(result.images_per_second, 1),
                         "final_loss": result.final_loss, "train_accuracy": result.train_accuracy})

@@ -9,12 +9,13 @@ from typing import Any, Mapping
 
 from training.backbone import Backbone
 from training.errors import RegistryError
-from training.methods.base import Capabilities, MethodConfig, PromptMethod, TrainBatch
+from training.methods.base import Capabilities, MethodConfig, PromptMethod, TrainBatch, TrainContext
 from training.methods.coop import CoOp
+from training.methods.disa import DiSa
 from training.methods.ivlp import IVLP
 from training.methods.zeroshot import ZeroShot
 
-_METHOD_CLASSES: tuple[type[PromptMethod], ...] = (ZeroShot, CoOp, IVLP)
+_METHOD_CLASSES: tuple[type[PromptMethod], ...] = (ZeroShot, CoOp, IVLP, DiSa)
 
 
 def _build_registry() -> dict[str, type[PromptMethod]]:
@@ -49,6 +50,6 @@ def create_method(name: str, backbone: Backbone, config: Mapping[str, Any] | Met
 
 
 __all__ = [
-    "Capabilities", "METHODS", "MethodConfig", "PromptMethod", "TrainBatch", "create_method", "get_method_class",
+    "Capabilities", "METHODS", "MethodConfig", "PromptMethod", "TrainBatch", "TrainContext", "create_method", "get_method_class",
     "list_methods",
 ]

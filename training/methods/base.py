@@ -63,6 +63,23 @@ class MethodConfig:
 
 
 @dataclass
+class TrainContext:
+    """What a method may look at once before training (to precompute frozen-teacher features, prototypes, ...).
+
+    ``image_loader`` yields (images [B,3,H,W] with the *eval* transform, labels [B]) over the few-shot training set;
+    ``tokenize`` maps a list of strings to [N, L] token ids; ``out_dir`` is the run directory (for diagnostics).
+    """
+
+    classnames: list[str]
+    dataset_template: str
+    class_token_ids: torch.Tensor  # [C, L]
+    image_loader: Any
+    tokenize: Any
+    device: torch.device
+    out_dir: Any = None
+
+
+@dataclass
 class TrainBatch:
     """One training step's inputs.
 
@@ -146,8 +163,16 @@ class PromptMethod(nn.Module):
         ce = F.cross_entropy(logits, batch.labels)
         return {"loss": ce, "ce": ce.detach(), "logits": logits.detach()}
 
-    def prepare_training(self, train_samples: Any, classnames: list[str]) -> None:
+    def prepare_training(self, ctx: TrainContext) -> None:
         """Hook run once before training (e.g. precompute frozen-teacher features). Default: nothing."""
+
+    def training_callbacks(self) -> list[Any]:
+        """Engine callbacks this method needs (e.g. Gaussian prompt aggregation). Default: none."""
+        return []
+
+    def write_diagnostics(self, ctx: TrainContext) -> list[Any]:
+        """Write method-specific pictures/figures for the run into ``ctx.out_dir``; returns the paths. Default: none."""
+        return []
 
     # ----------------------------------------------------------------- state
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
