@@ -67,8 +67,10 @@ def export_bundle(
     method, backbone = art.method.to("cpu").eval(), art.backbone
     caps = method.capabilities
     if caps.text_depends_on_image:
+        hint = getattr(method, "text_image_dependency", "")
         raise ExportError(f"method {method.name!r} makes text depend on the image: class embeddings cannot be "
-                          f"precomputed, and this exporter does not build image-conditioned text graphs")
+                          f"precomputed, and this exporter does not build image-conditioned text graphs"
+                          + (f" ({hint})" if hint else ""))
     if caps.num_prompt_sets != 1:
         raise ExportError(f"method {method.name!r} has {caps.num_prompt_sets} prompt sets; multi-set export is not "
                           f"supported by bundle format {fmt.BUNDLE_FORMAT_VERSION}")

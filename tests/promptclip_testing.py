@@ -16,3 +16,28 @@ def tiny_method_config(method_name: str) -> dict:
         if f.name.startswith("depth") and isinstance(f.default, int) and f.default > 2:
             out[f.name] = 2
     return out
+
+
+def make_fake_oxford_pets(root, classes=("abyssinian", "beagle", "boxer", "chihuahua", "pug", "sphynx"),
+                          n_train: int = 4, n_test: int = 2, size: int = 32):
+    """A CoOp-layout OxfordPets tree: ``root/oxford_pets/images/*.jpg`` + ``split_zhou_OxfordPets.json``."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    base = Path(root) / "oxford_pets"
+    (base / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    split = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(classes):
+        colour = rng.integers(0, 255, 3)
+        for part, n in (("train", n_train), ("val", 1), ("test", n_test)):
+            for i in range(n):
+                fname = f"{name}_{part}_{i}.jpg"
+                arr = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype("uint8")
+                Image.fromarray(arr).save(base / "images" / fname)
+                split[part].append([fname, label, name])
+    (base / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+    return Path(root)

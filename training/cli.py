@@ -209,22 +209,49 @@ def cmd_bench_toyworld(args: argparse.Namespace) -> int:
     values: dict[str, Any] = {"shots": args.shots, "steps": args.steps, "backbone": args.backbone,
                               "pretrained": args.pretrained}
     if args.methods:
-        values["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        from training.methods import get_method_class
+        import re
 
+        from training.methods import get_method_class
+        from training.toyworld.bench import parse_method_spec
+
+        # split on commas outside [...] (variants: disa[use_cir=false,use_dir=false])
+        values["methods"] = tuple(m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods) if m.strip())
         for m in values["methods"]:
-            get_method_class(m)  # unknown name -> clear error before any work
+            get_method_class(parse_method_spec(m)[0])  # unknown name -> clear error before any work
     if args.seeds:
         values["seeds"] = _int_list(args.seeds)
     if args.styles:
         values["styles"] = tuple(s.strip() for s in args.styles.split(",") if s.strip())
     if args.num_classes:
         values["num_classes"] = args.num_classes
+    if args.protocols:
+        values["protocols"] = tuple(x.strip() for x in args.protocols.split(",") if x.strip())
+        bad = set(values["protocols"]) - {"base2novel", "cross_style", "dg"}
+        if bad:
+            raise PromptclipError(f"unknown protocol(s) {sorted(bad)}; choose from base2novel, cross_style, dg")
     cfg = BenchConfig(**{k: v for k, v in values.items() if v is not None})
     summary = run_bench(cfg, args.out, progress=args.progress)
     print((Path(args.out) / "results.md").read_text())
     if args.json:
         print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from training.methods import get_method_class
+    from training.protocols.reproduce import ReproduceConfig, run_reproduce
+
+    get_method_class(args.method)
+    train = {k: v for k, v in {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+                               "lr": args.lr, "device": args.device, "precision": args.precision,
+                               "num_workers": args.num_workers}.items() if v is not None}
+    shots = _int_list(args.shots) if args.shots else ((1, 2, 4, 8, 16) if args.protocol == "few-shot" else (16,))
+    cfg = ReproduceConfig(protocol=args.protocol, method=args.method, root=args.root,
+                          datasets=tuple(d.strip() for d in (args.datasets or "").split(",") if d.strip()),
+                          seeds=_int_list(args.seeds), shots=shots, source=args.source, backbone=args.backbone,
+                          pretrained=args.pretrained, method_config=_parse_sets(args.set), train=train)
+    run_reproduce(cfg, args.out, progress=not args.no_progress)
+    print((Path(args.out) / "results.md").read_text())
     return 0
 
 
@@ -265,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     s.add_argument("--num-workers", type=int)
-    s.add_argument("--augment", choices=["crop_flip", "none"])
+    s.add_argument("--augment", choices=["crop_flip", "flip", "none"])
     s.add_argument("--no-eval", action="store_true", help="skip the base/new evaluation after training")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact in OUT/artifact")
     s.set_defaults(func=cmd_train)
@@ -321,6 +348,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained", default=None)
     s.set_defaults(func=cmd_demo)
 
+    s = sub.add_parser("reproduce", help="run a paper protocol on datasets in the CoOp/DomainBed layouts; tables + plots",
+                       description="Train and evaluate per dataset and seed, resume after an interruption, and write "
+                                   "the table the papers print (markdown, CSV, JSON) plus PNG plots. Datasets: "
+                                   "the names of training.data.list_datasets(), or toyworld-<style>.")
+    s.add_argument("protocol", choices=["base2novel", "cross-dataset", "domain-generalization", "few-shot"])
+    s.add_argument("--method", required=True)
+    s.add_argument("--root", required=True, help="folder holding the datasets (CoOp DATASETS.md layout)")
+    s.add_argument("--datasets", help="comma-separated (default: the protocol's standard list)")
+    s.add_argument("--seeds", default="1,2,3")
+    s.add_argument("--shots", help="comma-separated (default 16; few-shot: 1,2,4,8,16)")
+    s.add_argument("--source", default="ImageNet", help="source dataset of cross-dataset / domain-generalization")
+    s.add_argument("--out", required=True)
+    s.add_argument("--backbone", default="ViT-B-16")
+    s.add_argument("--pretrained", default=None)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--device")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    s.add_argument("--num-workers", type=int)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_reproduce)
+
     s = sub.add_parser("toyworld", help="the offline toy world: pretrain toy-clip, preview the styles")
     tw = s.add_subparsers(dest="toyworld_command", required=True, metavar="ACTION")
     t = tw.add_parser("pretrain", help="contrastively pretrain toy-clip on the procedural world (deterministic)")
@@ -339,12 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = bw.add_parser("toyworld", help="every registered method on the toy world's styles; tables + PNG charts",
                       description="Base-to-novel per style, cross-style transfer and domain generalisation on the toy "
                                   "world; resumes finished runs from OUT/runs.jsonl.")
-    t.add_argument("--methods", help="comma-separated (default: every registered method)")
+    t.add_argument("--methods", help="comma-separated (default: every registered method); a variant for ablations: "
+                                     "'disa[use_cir=false,use_dir=false]'")
     t.add_argument("--seeds", help="comma-separated (default 1,2,3)")
     t.add_argument("--shots", type=int)
     t.add_argument("--steps", type=int, help="optimisation steps per training run")
     t.add_argument("--styles", help="comma-separated subset of clean,sketch,noisy,lowres,palette")
     t.add_argument("--num-classes", type=int, help="classes per style")
+    t.add_argument("--protocols", help="comma-separated subset of base2novel,cross_style,dg (default: all)")
     t.add_argument("--backbone", default=None)
     t.add_argument("--pretrained", default=None)
     t.add_argument("--out", default="bench_toyworld")

@@ -51,7 +51,7 @@ class TrainConfig:
     device: str = "auto"           #: auto | cpu | cuda | cuda:N
     seed: int = 1
     num_workers: int = 0
-    augment: str = "crop_flip"     #: crop_flip (random resized crop + flip, as the CoOp family) | none
+    augment: str = "crop_flip"     #: crop_flip (random resized crop + flip, as the CoOp family) | flip | none
     log_every: int = 10
     grad_clip: float | None = None
 
@@ -62,8 +62,8 @@ class TrainConfig:
             raise ValueError(f"scheduler must be cosine or constant, got {self.scheduler!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.augment not in ("crop_flip", "none"):
-            raise ValueError(f"augment must be crop_flip or none, got {self.augment!r}")
+        if self.augment not in ("crop_flip", "flip", "none"):
+            raise ValueError(f"augment must be crop_flip, flip or none, got {self.augment!r}")
         if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
             raise ValueError("batch_size and epochs must be >= 1 and lr > 0")
 

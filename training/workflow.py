@@ -5,6 +5,7 @@ One function per user action: :func:`train_run` (data folder -> prompt artifact 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ def train_transform(backbone: Backbone, augment: str):
     from torchvision import transforms as T
 
     p = backbone.preprocess
+    if augment == "flip":
+        return T.Compose([T.RandomHorizontalFlip(), eval_transform(backbone)])
     return T.Compose([
         T.RandomResizedCrop(tuple(p["image_size"]), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
@@ -79,7 +82,7 @@ def _loader(samples: list[Sample], transform, batch_size: int, *, shuffle: bool,
 def train_run(
     *,
     method_name: str,
-    data_root: str | Path,
+    data_root: str | Path | DatasetSplits,
     out_dir: str | Path,
     backbone_name: str = "ViT-B-16",
     pretrained: str | None = None,
@@ -87,21 +90,32 @@ def train_run(
     train_config: TrainConfig | None = None,
     shots: int = 16,
     subsample: str = "base",
-    template: str = "a photo of a {}.",
+    template: str | None = None,
     evaluate_splits: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    few_shot_cache: str | Path | None = None,
 ) -> TrainRunResult:
-    """Few-shot train ``method_name`` on ``data_root`` (an ImageFolder) and write a prompt artifact.
+    """Few-shot train ``method_name`` and write a prompt artifact.
 
-    ``subsample="base"`` trains on the base half of the classes (CoOp rule) and, with ``evaluate_splits``,
-    reports accuracy on the base and the new halves of the test split; ``"all"`` trains on every class.
+    ``data_root`` is an ImageFolder root or already-read :class:`DatasetSplits` (e.g. from
+    ``training.data.read_dataset``). ``subsample="base"`` trains on the base half of the classes (CoOp rule,
+    few-shot sampled *before* class subsampling, as the field does) and, with ``evaluate_splits``, reports accuracy
+    on the base and the new halves of the test split; ``"all"`` trains on every class. ``template`` defaults to the
+    dataset's hand-crafted template. ``few_shot_cache`` keeps the seeded few-shot selection in a JSON file.
     """
     cfg = train_config or TrainConfig()
     out_dir = Path(out_dir)
-    splits_all = read_image_folder(data_root)
-    splits = subsample_classes(splits_all, subsample)
-    train_samples = sample_few_shot(splits.train, shots, cfg.seed)
+    splits_all = data_root if isinstance(data_root, DatasetSplits) else read_image_folder(data_root)
+    template = template or splits_all.template
+    if few_shot_cache is not None:
+        from training.data import few_shot_cached
+
+        shot_pool = few_shot_cached(splits_all, shots, cfg.seed, few_shot_cache)
+    else:
+        shot_pool = sample_few_shot(splits_all.train, shots, cfg.seed)
+    splits = subsample_classes(dataclasses.replace(splits_all, train=list(shot_pool)), subsample)
+    train_samples = splits.train
     backbone = create_backbone(backbone_name, pretrained)
     method = create_method(method_name, backbone, method_config)
     class_ids = tokenize_prompts(method, backbone, splits.classnames, template)
@@ -134,7 +148,8 @@ def train_run(
                         "final_loss": result.final_loss, "train_accuracy": result.train_accuracy})
     if evaluate_splits:
         metrics.update(_evaluate_halves(method, backbone, splits_all, subsample, template, cfg.batch_size, cfg.device))
-    trained_on = {"dataset": str(Path(data_root).resolve()), "classnames": splits.classnames, "shots": shots,
+    dataset_id = splits_all.name if isinstance(data_root, DatasetSplits) else str(Path(data_root).resolve())
+    trained_on = {"dataset": dataset_id, "classnames": splits.classnames, "shots": shots,
                   "seed": cfg.seed, "subsample": subsample, "num_images": len(train_samples)}
     save_prompt_artifact(out_dir / "artifact", method, backbone, dataset_template=template, trained_on=trained_on,
                          metrics=metrics, training_config={"method": method.config.to_dict(), "train": cfg.to_dict(),
@@ -164,16 +179,19 @@ def _evaluate_halves(method: PromptMethod, backbone: Backbone, splits: DatasetSp
     return out
 
 
-def evaluate_artifact(artifact: str | Path | PromptArtifact, data_root: str | Path, *, subsample: str = "all",
+def evaluate_artifact(artifact: str | Path | PromptArtifact, data_root: str | Path | DatasetSplits, *,
+                      subsample: str = "all",
                       split: str = "test", batch_size: int = 64, device: str = "auto",
                       pretrained: str | None = None) -> dict[str, Any]:
     """Accuracy of a trained artifact on ``data_root``'s ``split`` restricted to the ``subsample`` classes."""
     art = artifact if isinstance(artifact, PromptArtifact) else load_prompt_artifact(artifact, pretrained=pretrained)
-    splits = subsample_classes(read_image_folder(data_root), subsample)
+    data = data_root if isinstance(data_root, DatasetSplits) else read_image_folder(data_root)
+    splits = subsample_classes(data, subsample)
     samples = getattr(splits, split)
     if not samples:
         raise DatasetError(f"{data_root}: the {split!r} split has no images for the {subsample!r} classes")
-    ids = tokenize_prompts(art.method, art.backbone, splits.classnames, art.dataset_template)
+    # the method's prompt template wraps the *target* dataset's hand-crafted template (zero-shot uses it as is)
+    ids = tokenize_prompts(art.method, art.backbone, splits.classnames, data.template or art.dataset_template)
     loader = _loader(samples, eval_transform(art.backbone), batch_size, shuffle=False, seed=0, num_workers=0, cache=False)
     res = evaluate(art.method, loader, ids, device=device)
     return {"subsample": subsample, "split": split, "num_classes": len(splits.classnames), **res}

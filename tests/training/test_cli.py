@@ -9,7 +9,8 @@ import pytest
 
 from training.cli import main
 
-SUBCOMMANDS = ["train", "eval", "export", "serve", "classify", "demo", "methods", "backbones"]
+SUBCOMMANDS = ["train", "eval", "export", "serve", "classify", "demo", "methods", "backbones", "reproduce",
+               "toyworld", "bench"]
 
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)

@@ -63,6 +63,9 @@ def test_only_method_tensors_train(name):
         assert trainable == {}
         return
     assert trainable
+    with torch.no_grad():  # move off the init: zero-initialised gates (ISP) would give their inputs zero gradient
+        for p in trainable.values():
+            p.add_(0.01 * torch.randn_like(p))
     m.train()
     ids = token_ids(m, ["red circle", "blue square"])
     out = m.training_loss(TrainBatch(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 1, 0]), ids))

@@ -71,3 +71,14 @@ def test_bench_writes_tables_and_charts_and_resumes(mini_bench):
     again = run_bench(cfg, out)  # everything finished: nothing is re-run
     assert len((out / "runs.jsonl").read_text().splitlines()) == n_runs
     assert again["base2novel"] == summary["base2novel"]
+
+
+def test_method_variant_specs_for_ablations():
+    from training.errors import ConfigError
+    from training.toyworld.bench import parse_method_spec
+
+    assert parse_method_spec("ivlp") == ("ivlp", {})
+    assert parse_method_spec("disa[use_cir=false, mask_ratio=0.5,saliency_target=topk]") == (
+        "disa", {"use_cir": False, "mask_ratio": 0.5, "saliency_target": "topk"})
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_method_spec("disa[use_cir]")

@@ -2,6 +2,29 @@
 and a procedural coloured-shapes set."""
 from __future__ import annotations
 
+from training.data.benchmarks import (
+    BASE_TO_NOVEL_DATASETS,
+    DATASETS,
+    DOMAIN_DATASETS,
+    IMAGENET_DG_DOMAINS,
+    IMAGENET_DG_SOURCES,
+    IMAGENET_DG_TARGETS,
+    IMAGENET_VARIANTS,
+    CoopSplit,
+    DatasetInfo,
+    DomainDatasetInfo,
+    HoldoutSplit,
+    dataset_info,
+    few_shot_cached,
+    holdout_split,
+    list_datasets,
+    list_domain_datasets,
+    read_dataset,
+    read_domain_dataset,
+    read_imagenet_classnames,
+    read_imagenet_dg,
+    read_split_json,
+)
 from training.data.dataset import ImageListDataset, load_rgb, make_loader
 from training.data.folder import IMAGE_EXTENSIONS, list_images, read_image_folder
 from training.data.samples import (
@@ -38,4 +61,25 @@ __all__ = [
     "DEFAULT_SHAPES",
     "make_shapes_dataset",
     "render_shape",
+    "DatasetInfo",
+    "DomainDatasetInfo",
+    "CoopSplit",
+    "HoldoutSplit",
+    "DATASETS",
+    "DOMAIN_DATASETS",
+    "BASE_TO_NOVEL_DATASETS",
+    "IMAGENET_VARIANTS",
+    "IMAGENET_DG_DOMAINS",
+    "IMAGENET_DG_SOURCES",
+    "IMAGENET_DG_TARGETS",
+    "list_datasets",
+    "list_domain_datasets",
+    "dataset_info",
+    "read_dataset",
+    "read_split_json",
+    "read_imagenet_classnames",
+    "read_domain_dataset",
+    "holdout_split",
+    "read_imagenet_dg",
+    "few_shot_cached",
 ]

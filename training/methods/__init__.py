@@ -12,10 +12,11 @@ from training.errors import RegistryError
 from training.methods.base import Capabilities, MethodConfig, PromptMethod, TrainBatch, TrainContext
 from training.methods.coop import CoOp
 from training.methods.disa import DiSa
+from training.methods.isp import ISP
 from training.methods.ivlp import IVLP
 from training.methods.zeroshot import ZeroShot
 
-_METHOD_CLASSES: tuple[type[PromptMethod], ...] = (ZeroShot, CoOp, IVLP, DiSa)
+_METHOD_CLASSES: tuple[type[PromptMethod], ...] = (ZeroShot, CoOp, IVLP, DiSa, ISP)
 
 
 def _build_registry() -> dict[str, type[PromptMethod]]:

@@ -11,16 +11,40 @@ prompt tokens inserted between blocks:
   ``layer_prompts[i]``, as VPT-deep/IVLP do. Prompt tokens are removed before pooling.
 
 With no prompts (all ``None``) both reproduce open_clip's ``encode_text``/``encode_image`` exactly.
+
+Input-dependent prompts (``prompt_hook``)
+-----------------------------------------
+Both ``forward`` methods take an optional ``prompt_hook(layer_index, prompts, hidden_states, token_ids) -> prompts``
+that lets a method (ISP's structural prompts) rewrite layer ``i``'s prompts from the current hidden states just
+before they are inserted, without forking the wrappers. It is called once per block ``i`` whose
+``layer_prompts[i]`` is not ``None`` (in block order, so layer ``i``'s hidden states already reflect the rewritten
+prompts of layers ``< i``), with:
+
+* ``layer_index``: ``i`` (0 = the token-embedding / ``ln_pre`` level);
+* ``prompts``: ``layer_prompts[i]`` as given (``[n, W]`` or per-sequence / per-image ``[N|B, n, W]``);
+* ``hidden_states``: the input of block ``i`` just before layer ``i``'s prompts are inserted. Text: ``[N, L, W]``
+  (layer 0: token embeddings + positional embedding; deeper: the output of block ``i - 1``). Vision:
+  ``[B, 1 + K + n, W]`` = CLS, the ``K`` kept patches, then ``n`` prompt slots (layer 0: after ``ln_pre``;
+  deeper: the output of block ``i - 1``). The prompt positions (text ``[ctx_start, ctx_start + n)``, vision the
+  last ``n``) do *not* hold frozen tokens: at layer 0 they hold the un-rewritten layer-0 prompts, deeper they hold
+  the previous block's prompt outputs; a hook that wants the frozen tokens masks/slices them out;
+* ``token_ids``: the text input ``[N, L]`` (text tower) or ``None`` (vision tower).
+
+It returns the prompts to insert: the same ``n``, shared ``[n, W]`` or per-sequence ``[N, n, W]`` (text) /
+per-image ``[B, n, W]`` (vision). The hook is part of the traced graph (export-safe if its ops are). With
+``prompt_hook=None`` (the default) nothing changes: the computation is exactly the hook-free one.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 LayerPrompts = Sequence[Optional[torch.Tensor]]
+#: ``(layer_index, prompts, hidden_states, token_ids_or_None) -> prompts`` (see the module docstring).
+PromptHook = Callable[[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
 def _check_layers(layer_prompts: LayerPrompts | None, n_layers: int, tower: str) -> list[Optional[torch.Tensor]]:
@@ -66,26 +90,45 @@ class PromptedTextEncoder(nn.Module):
             prompt = prompt.unsqueeze(0).expand(x.shape[0], -1, -1)
         return torch.cat([x[:, :start], prompt, x[:, start + n:]], dim=1)
 
+    def eot_index(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[N, L] token ids -> [N] position of the end-of-text token (what ``argmax``/``eos`` pooling reads)."""
+        if self.pool_type == "eos":
+            return (token_ids == self.eos_id).int().argmax(dim=-1)
+        return token_ids.argmax(dim=-1)  # EOT has the largest id
+
     def forward(
-        self, token_ids: torch.Tensor, layer_prompts: LayerPrompts | None = None, ctx_start: int = 1
+        self,
+        token_ids: torch.Tensor,
+        layer_prompts: LayerPrompts | None = None,
+        ctx_start: int = 1,
+        prompt_hook: PromptHook | None = None,
     ) -> torch.Tensor:
-        """token_ids [N, L] int64 -> unnormalised text features [N, D]."""
+        """token_ids [N, L] int64 -> unnormalised text features [N, D].
+
+        Args:
+            layer_prompts: per block, ``None`` or context prompts [n, W] (shared) / [N, n, W] (per sequence) that
+                replace positions ``[ctx_start, ctx_start + n)`` before the block.
+            prompt_hook: optional ``(i, prompts, hidden [N, L, W], token_ids) -> prompts`` rewriting layer ``i``'s
+                prompts before insertion (see the module docstring); ``None`` = unchanged behaviour.
+        """
         prompts = _check_layers(layer_prompts, self.num_layers, "text")
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(token_ids).to(cast_dtype)  # [N, L, W]
         if prompts[0] is not None:
-            x = self._replace(x, prompts[0], ctx_start)
+            p0 = prompts[0]
+            if prompt_hook is not None:  # block-0 input with the un-rewritten layer-0 prompts in place
+                pos = self.positional_embedding.to(cast_dtype)
+                p0 = prompt_hook(0, p0, self._replace(x, p0, ctx_start) + pos, token_ids)
+            x = self._replace(x, p0, ctx_start)
         x = x + self.positional_embedding.to(cast_dtype)
         for i, block in enumerate(self.transformer.resblocks):
             if i > 0 and prompts[i] is not None:
-                x = self._replace(x, prompts[i], ctx_start)
+                p = prompts[i] if prompt_hook is None else prompt_hook(i, prompts[i], x, token_ids)
+                x = self._replace(x, p, ctx_start)
             x = block(x, attn_mask=self.attn_mask)
         x = self.ln_final(x)  # [N, L, W]
-        if self.pool_type == "argmax":  # EOT has the largest id
-            pooled = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
-        elif self.pool_type == "eos":
-            idx = (token_ids == self.eos_id).int().argmax(dim=-1)
-            pooled = x[torch.arange(x.shape[0], device=x.device), idx]
+        if self.pool_type in ("argmax", "eos"):
+            pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_index(token_ids)]
         elif self.pool_type == "first":
             pooled = x[:, 0]
         elif self.pool_type == "last":
@@ -120,6 +163,12 @@ class PromptedVisionEncoder(nn.Module):
     def num_patches(self) -> int:
         return int(self.visual.positional_embedding.shape[0]) - 1
 
+    @staticmethod
+    def _per_image(prompt: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[n, W] (shared) or [B, n, W] prompts -> [B, n, W] in ``x``'s dtype."""
+        prompt = prompt.to(x.dtype)
+        return prompt.unsqueeze(0).expand(x.shape[0], -1, -1) if prompt.dim() == 2 else prompt
+
     def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] -> CLS + patch tokens with positional embedding [B, 1 + P, W]."""
         v = self.visual
@@ -135,6 +184,7 @@ class PromptedVisionEncoder(nn.Module):
         layer_prompts: LayerPrompts | None = None,
         keep_index: torch.Tensor | None = None,
         return_tokens: bool = False,
+        prompt_hook: PromptHook | None = None,
     ):
         """pixels [B, 3, H, W] -> unnormalised image features [B, D].
 
@@ -142,6 +192,8 @@ class PromptedVisionEncoder(nn.Module):
             layer_prompts: per block, ``None`` or prompts [n, W] / [B, n, W]; entry 0 is appended, deeper ones replace.
             keep_index: optional [B, K] indices (0..P-1) of the patches to keep (saliency masking); CLS always kept.
             return_tokens: also return the final patch tokens after ``ln_post`` and ``proj`` [B, K, D].
+            prompt_hook: optional ``(i, prompts, hidden [B, 1 + K + n, W], None) -> prompts`` rewriting layer ``i``'s
+                prompts before insertion (see the module docstring); ``None`` = unchanged behaviour.
         """
         v = self.visual
         prompts = _check_layers(layer_prompts, self.num_layers, "vision")
@@ -154,14 +206,17 @@ class PromptedVisionEncoder(nn.Module):
         x = v.patch_dropout(x)
         n_prompt = 0
         if prompts[0] is not None:
-            p0 = prompts[0].to(x.dtype)
-            p0 = p0.unsqueeze(0).expand(x.shape[0], -1, -1) if p0.dim() == 2 else p0
+            p0 = prompts[0]
+            if prompt_hook is not None:  # block-0 input (after ln_pre) with the un-rewritten prompts appended
+                p0 = prompt_hook(0, p0, v.ln_pre(torch.cat([x, self._per_image(p0, x)], dim=1)), None)
+            p0 = self._per_image(p0, x)
             n_prompt = p0.shape[1]
             x = torch.cat([x, p0], dim=1)  # [B, 1 + K + n, W]
         x = v.ln_pre(x)
         for i, block in enumerate(v.transformer.resblocks):
             if i > 0 and prompts[i] is not None:
-                p = prompts[i].to(x.dtype)
+                p = prompts[i] if prompt_hook is None else prompt_hook(i, prompts[i], x, None)
+                p = p.to(x.dtype)
                 p = p.unsqueeze(0).expand(x.shape[0], -1, -1) if p.dim() == 2 else p
                 x = torch.cat([x[:, : x.shape[1] - n_prompt], p], dim=1)
             x = block(x)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from training.engine import TrainConfig
+from training.errors import ConfigError
 from training.protocols import report
 from training.toyworld import world
 
@@ -35,15 +36,39 @@ class BenchConfig:
     styles: tuple[str, ...] = ("clean", "sketch", "noisy", "lowres", "palette")
     source_style: str = "clean"               #: cross-style / DG source
     num_classes: int = 20                     #: classes per style (base = first half of the sorted names)
+    #: each style has 2 x shots training images per class, so the seeded few-shot samples differ between seeds
     test_per_class: int = 8
-    steps: int = 60                           #: optimisation steps per training run
+    steps: int = 100                          #: optimisation steps per training run
     batch_size: int = 32
-    lr: float = 0.01
+    lr: float = 0.005
     optimizer: str = "sgd"
+    augment: str = "flip"                     #: flip only: random resized crops can cut a 32 px shape out entirely
     backbone: str = "toy-clip"
     pretrained: str | None = None
     data_seed: int = 0
     protocols: tuple[str, ...] = ("base2novel", "cross_style", "dg")
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"disa"`` -> ("disa", {}); ``"disa[use_cir=false,mask_ratio=0.5]"`` -> ("disa", {...}) (for ablations).
+
+    The whole spec string is the label the variant gets in the tables."""
+    spec = spec.strip()
+    if "[" not in spec:
+        return spec, {}
+    if not spec.endswith("]"):
+        raise ConfigError(f"method spec {spec!r}: expected name[key=value,...]")
+    name, body = spec[:-1].split("[", 1)
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in body.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"method spec {spec!r}: {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value.strip()
+    return name.strip(), overrides
 
 
 def _method_config(method: str, backbone: str) -> dict[str, Any]:
@@ -89,7 +114,7 @@ class BenchRun:
 
 def _train_cfg(cfg: BenchConfig, seed: int) -> TrainConfig:
     return TrainConfig(epochs=10_000, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                       optimizer=cfg.optimizer, seed=seed, precision="auto", device="auto", log_every=20)
+                       optimizer=cfg.optimizer, augment=cfg.augment, seed=seed, precision="auto", device="auto", log_every=20)
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> dict[str, Any]:
@@ -107,7 +132,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
     style_data: dict[str, Path] = {}
     for s in cfg.styles:
         classes = world.style_classes(s, num_classes=cfg.num_classes, seed=cfg.data_seed)
-        world.write_style_dataset(data / s, s, classes=classes, train_per_class=cfg.shots,
+        world.write_style_dataset(data / s, s, classes=classes, train_per_class=2 * cfg.shots,  # few-shot sampling differs by seed
                                   test_per_class=cfg.test_per_class, seed=cfg.data_seed)
         style_data[s] = data / s
     source_classes = world.style_classes(cfg.source_style, num_classes=cfg.num_classes, seed=cfg.data_seed)
@@ -121,14 +146,15 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
     runs_dir = out / "runs"
     for seed in cfg.seeds:
         for method in methods:
-            mcfg = _method_config(method, cfg.backbone)
+            method_name, overrides = parse_method_spec(method)
+            mcfg = {**_method_config(method_name, cfg.backbone), **overrides}
             if "base2novel" in cfg.protocols:
                 for style in cfg.styles:
                     run_id = f"b2n/{style}/{method}/seed{seed}"
                     if run_id in bench.done:
                         continue
                     t = time.perf_counter()
-                    res = train_run(method_name=method, data_root=style_data[style], out_dir=runs_dir / run_id,
+                    res = train_run(method_name=method_name, data_root=style_data[style], out_dir=runs_dir / run_id,
                                     backbone_name=cfg.backbone, pretrained=cfg.pretrained, method_config=mcfg,
                                     train_config=_train_cfg(cfg, seed), shots=cfg.shots, subsample="base",
                                     overwrite=True, progress=progress)
@@ -145,7 +171,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
                             ("dg" in cfg.protocols and f"dg/{s}/{method}/seed{seed}" not in bench.done))]
                 if not pending and src_id in bench.done:
                     continue
-                res = train_run(method_name=method, data_root=style_data[cfg.source_style], out_dir=runs_dir / src_id,
+                res = train_run(method_name=method_name, data_root=style_data[cfg.source_style], out_dir=runs_dir / src_id,
                                 backbone_name=cfg.backbone, pretrained=cfg.pretrained, method_config=mcfg,
                                 train_config=_train_cfg(cfg, seed), shots=cfg.shots, subsample="all", overwrite=True,
                                 progress=progress)

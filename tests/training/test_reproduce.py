@@ -1,0 +1,72 @@
+"""`promptclip reproduce`: protocols end to end on a fake CoOp tree and on the toy world (tiny backbone), resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from promptclip_testing import make_fake_oxford_pets
+from training.cli import main
+from training.protocols.reproduce import ReproduceConfig, run_reproduce
+
+TRAIN = {"max_steps": 2, "batch_size": 8, "device": "cpu", "precision": "fp32", "lr": 0.01}
+
+
+def _cfg(protocol, root, **kw):
+    return ReproduceConfig(protocol=protocol, method=kw.pop("method", "coop"), root=str(root), backbone="tiny-test",
+                           method_config={"n_ctx": 4} if kw.pop("coop_cfg", True) else {}, train=TRAIN, **kw)
+
+
+def test_base2novel_on_fake_coop_tree_resumes(tmp_path, monkeypatch):
+    root = make_fake_oxford_pets(tmp_path / "data")
+    out = tmp_path / "out"
+    import training.workflow as wf
+
+    real, calls = wf.train_run, {"n": 0}
+
+    def flaky(**kw):  # the process dies during the second run
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(**kw)
+
+    monkeypatch.setattr(wf, "train_run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_reproduce(_cfg("base2novel", root, datasets=("OxfordPets",), seeds=(1, 2)), out, progress=False)
+    first = (out / "runs.jsonl").read_text().splitlines()
+    assert len(first) == 1 and json.loads(first[0])["run_id"] == "b2n/OxfordPets/seed1"
+    monkeypatch.setattr(wf, "train_run", real)
+    summary = run_reproduce(_cfg("base2novel", root, datasets=("OxfordPets",), seeds=(1, 2)), out, progress=False)
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == first[0]  # seed 1 was not redone
+    rows = {r["dataset"]: r for r in summary["table"]}
+    assert set(rows) == {"OxfordPets", "average"} and rows["OxfordPets"]["seeds"] == 2
+    md = (out / "results.md").read_text()
+    assert "OxfordPets B / N / HM" in md and "Reported by the authors" in md
+    assert (out / "base2novel.png").stat().st_size > 0 and (out / "base2novel.csv").exists()
+    cache = list((out / "few_shot_cache" / "OxfordPets").glob("shot_16-seed_*.json"))
+    assert len(cache) == 2
+
+
+def test_toyworld_protocols_via_cli(tmp_path, capsys):
+    root, out = tmp_path / "data", tmp_path / "out"
+    common = ["--method", "ivlp", "--root", str(root), "--backbone", "tiny-test", "--set", "depth_text=2",
+              "--set", "depth_vision=2", "--seeds", "1", "--max-steps", "2", "--batch-size", "8", "--device", "cpu",
+              "--no-progress"]
+    assert main(["reproduce", "base2novel", "--datasets", "toyworld-clean", "--out", str(out / "b2n"), *common]) == 0
+    assert "toyworld-clean" in capsys.readouterr().out
+    assert main(["reproduce", "domain-generalization", "--source", "toyworld-clean", "--datasets",
+                 "toyworld-palette,toyworld-sketch", "--out", str(out / "dg"), *common]) == 0
+    text = capsys.readouterr().out
+    assert "toyworld-palette" in text and "toyworld-sketch" in text
+    assert main(["reproduce", "few-shot", "--datasets", "toyworld-clean", "--shots", "1,2", "--out", str(out / "fs"),
+                 *common]) == 0
+    assert "| toyworld-clean |" in capsys.readouterr().out
+    assert (out / "fs" / "few-shot.png").stat().st_size > 0
+
+
+def test_unknown_dataset_and_protocol_errors(tmp_path, capsys):
+    assert main(["reproduce", "base2novel", "--method", "coop", "--root", str(tmp_path), "--datasets", "Petz",
+                 "--out", str(tmp_path / "o"), "--backbone", "tiny-test"]) == 2
+    err = capsys.readouterr().err
+    assert "OxfordPets" in err and "Traceback" not in err

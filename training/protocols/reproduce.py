@@ -1,0 +1,233 @@
+"""``promptclip reproduce``: the field's protocols (methods.md §2.2) from a data folder to a paper-style table.
+
+* ``base2novel``: per dataset and seed, 16-shot training on the base half of the classes, accuracy on the base and
+  new halves of the test split, HM; averaged over seeds, then over datasets (HM of the averages).
+* ``cross-dataset``: train on the source (ImageNet, all classes) once per seed, evaluate on each target dataset.
+* ``domain-generalization``: the same source-trained model on ImageNet-V2 / -Sketch / -A / -R.
+* ``few-shot``: all classes, K in {1, 2, 4, 8, 16} shots, accuracy per dataset and K (curves).
+
+Every finished (dataset, seed[, shots]) run is appended to ``OUT/runs.jsonl`` and skipped when the command runs
+again, so an interrupted reproduction resumes. Few-shot selections are cached per dataset/shots/seed as JSON.
+Datasets are the registry names of ``training.data.list_datasets()`` plus ``toyworld-<style>`` (generated on demand
+under ``ROOT/toyworld/``), so the whole pipeline can be exercised offline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from training.data import DatasetSplits, read_dataset
+from training.engine import TrainConfig
+from training.errors import ConfigError
+from training.protocols import report
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization", "few-shot")
+DEFAULT_B2N = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
+               "SUN397", "DTD", "EuroSAT", "UCF101")
+DEFAULT_DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
+
+#: Averages over the 11 datasets as *reported by their authors* (methods.md §6.1; ViT-B/16, 16 shots, 3 seeds).
+REPORTED_B2N_AVERAGE = {
+    "zeroshot": {"base": 69.34, "new": 74.22, "hm": 71.70, "source": "CLIP, as reported in the PromptSRC README"},
+    "coop": {"base": 82.69, "new": 63.22, "hm": 71.66, "source": "CoOp, as reported in the PromptSRC README"},
+    "ivlp": {"base": 84.21, "new": 71.79, "hm": 77.51, "source": "IVLP 4+4 depth 9, PromptSRC README"},
+}
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    protocol: str
+    method: str
+    root: str
+    datasets: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (1, 2, 3)
+    shots: tuple[int, ...] = (16,)
+    source: str = "ImageNet"
+    backbone: str = "ViT-B-16"
+    pretrained: str | None = None
+    method_config: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
+def load_dataset(name: str, root: str | Path) -> DatasetSplits:
+    """A registry dataset under ``root``, or ``toyworld-<style>`` generated under ``root/toyworld/<style>``."""
+    if name.startswith("toyworld-"):
+        from training.toyworld import world
+
+        style = name.split("-", 1)[1]
+        splits = world.write_style_dataset(Path(root) / "toyworld" / style, style,
+                                           classes=world.style_classes(style, num_classes=20, seed=0),
+                                           train_per_class=32, test_per_class=8, seed=0)
+        splits.name = name
+        return splits
+    return read_dataset(name, root)
+
+
+class RunLog:
+    """Append-only record of finished runs (``runs.jsonl``): what makes a reproduction resumable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["run_id"]] = row
+
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self.rows
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows[row["run_id"]] = row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _train_cfg(cfg: ReproduceConfig, seed: int) -> TrainConfig:
+    return TrainConfig.from_dict({**cfg.train, "seed": seed})
+
+
+def run_reproduce(cfg: ReproduceConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) one protocol into ``out``; writes results.md, CSV, summary.json and PNG plots."""
+    from training.workflow import evaluate_artifact, train_run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = RunLog(out / "runs.jsonl")
+    cache = out / "few_shot_cache"
+    t0 = time.perf_counter()
+    common = dict(method_name=cfg.method, backbone_name=cfg.backbone, pretrained=cfg.pretrained,
+                  method_config=cfg.method_config, overwrite=True, progress=progress)
+
+    if cfg.protocol == "base2novel":
+        for name in cfg.datasets or DEFAULT_B2N:
+            data = None
+            for seed in cfg.seeds:
+                run_id = f"b2n/{name}/seed{seed}"
+                if run_id in runs:
+                    continue
+                data = data or load_dataset(name, cfg.root)
+                res = train_run(data_root=data, out_dir=out / "runs" / run_id, train_config=_train_cfg(cfg, seed),
+                                shots=cfg.shots[0], subsample="base", few_shot_cache=cache / name, **common)
+                m = res.metrics
+                runs.add({"run_id": run_id, "dataset": name, "seed": seed, "method": cfg.method,
+                          "base": m["base_accuracy"], "new": m["new_accuracy"], "hm": m["harmonic_mean"]})
+                log.info("%s: base %.2f new %.2f HM %.2f", run_id, 100 * m["base_accuracy"],
+                         100 * m["new_accuracy"], 100 * m["harmonic_mean"])
+    elif cfg.protocol in ("cross-dataset", "domain-generalization"):
+        targets = cfg.datasets or (DEFAULT_B2N[1:] if cfg.protocol == "cross-dataset" else DEFAULT_DG_TARGETS)
+        for seed in cfg.seeds:
+            pending = [t for t in targets if f"{cfg.protocol}/{t}/seed{seed}" not in runs]
+            if not pending:
+                continue
+            src_dir = out / "runs" / f"source/{cfg.source}/seed{seed}"
+            if (src_dir / "artifact" / "prompt_config.json").exists():
+                artifact = src_dir / "artifact"  # trained before an interruption: reuse
+            else:
+                source = load_dataset(cfg.source, cfg.root)
+                artifact = train_run(data_root=source, out_dir=src_dir, train_config=_train_cfg(cfg, seed),
+                                     shots=cfg.shots[0], subsample="all", evaluate_splits=False,
+                                     few_shot_cache=cache / cfg.source, **common).artifact
+            from training.artifact import load_prompt_artifact
+
+            art = load_prompt_artifact(artifact, pretrained=cfg.pretrained)
+            for target in pending:
+                r = evaluate_artifact(art, load_dataset(target, cfg.root), subsample="all")
+                runs.add({"run_id": f"{cfg.protocol}/{target}/seed{seed}", "dataset": target, "seed": seed,
+                          "method": cfg.method, "accuracy": r["accuracy"]})
+    else:  # few-shot
+        for name in cfg.datasets or DEFAULT_B2N:
+            data = None
+            for k in cfg.shots:
+                for seed in cfg.seeds:
+                    run_id = f"few-shot/{name}/{k}shot/seed{seed}"
+                    if run_id in runs:
+                        continue
+                    data = data or load_dataset(name, cfg.root)
+                    res = train_run(data_root=data, out_dir=out / "runs" / run_id, train_config=_train_cfg(cfg, seed),
+                                    shots=k, subsample="all", few_shot_cache=cache / name, **common)
+                    runs.add({"run_id": run_id, "dataset": name, "seed": seed, "shots": k, "method": cfg.method,
+                              "accuracy": res.metrics["all_accuracy"]})
+    summary = write_tables(cfg, out, list(runs.rows.values()))
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    report.write_json(out / "summary.json", summary)
+    return summary
+
+
+def write_tables(cfg: ReproduceConfig, out: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    rows = [r for r in rows if r.get("method") == cfg.method]
+    summary: dict[str, Any] = {"config": asdict(cfg)}
+    title = f"# {cfg.protocol}: {cfg.method} on {cfg.backbone} ({cfg.pretrained or 'default weights'}), seeds {list(cfg.seeds)}"
+    md = [title, ""]
+    if cfg.protocol == "base2novel":
+        groups = list(dict.fromkeys(r["dataset"] for r in rows))
+        table, text = report.b2n_table(rows, group_key="dataset", methods=[cfg.method], groups=groups)
+        summary["table"] = table
+        report.write_csv(out / "base2novel.csv", table)
+        md += ["Accuracy %, base / new / HM (HM of the seed-averaged base and new).", "", text, ""]
+        ref = REPORTED_B2N_AVERAGE.get(cfg.method)
+        if ref:
+            md += [f"Reported by the authors (11-dataset average, not measured here): base {ref['base']}, "
+                   f"new {ref['new']}, HM {ref['hm']} ({ref['source']}).", ""]
+        report.bar_chart(out / "base2novel.png", table, group_key="dataset", metric="hm", methods=[cfg.method],
+                         groups=groups + ["average"], title=f"{cfg.method}: base-to-novel HM per dataset",
+                         ylabel="HM (%)")
+    elif cfg.protocol in ("cross-dataset", "domain-generalization"):
+        groups = list(dict.fromkeys(r["dataset"] for r in rows))
+        table, text = report.accuracy_table(rows, group_key="dataset", methods=[cfg.method], groups=groups)
+        summary["table"] = table
+        report.write_csv(out / f"{cfg.protocol}.csv", table)
+        md += [f"Source: {cfg.source} (all classes). Top-1 accuracy %, mean ± std over seeds.", "", text, ""]
+        report.bar_chart(out / f"{cfg.protocol}.png", table, group_key="dataset", metric="accuracy",
+                         methods=[cfg.method], groups=groups + ["average"], title=f"{cfg.method}: {cfg.protocol}")
+    else:
+        for r in rows:
+            r["group"] = f"{r['dataset']}@{r['shots']}"
+        agg = report.aggregate(rows, ["dataset", "shots"], ["accuracy"])
+        summary["table"] = agg
+        report.write_csv(out / "few-shot.csv", agg)
+        datasets = list(dict.fromkeys(r["dataset"] for r in agg))
+        shots = sorted({r["shots"] for r in agg})
+        md += ["Top-1 accuracy % (all classes), mean over seeds.", "",
+               f"| dataset | {' | '.join(f'{k} shots' for k in shots)} |", "|---|" + "---|" * len(shots)]
+        for d in datasets:
+            cells = [next((f"{100 * r['accuracy']:.1f}" for r in agg if r["dataset"] == d and r["shots"] == k), "-")
+                     for k in shots]
+            md.append(f"| {d} | {' | '.join(cells)} |")
+        _few_shot_plot(out / "few-shot.png", agg, datasets, shots, cfg.method)
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    return summary
+
+
+def _few_shot_plot(path: Path, agg: list[dict[str, Any]], datasets: list[str], shots: list[int], method: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d in datasets:
+        pts = sorted((r["shots"], 100 * r["accuracy"]) for r in agg if r["dataset"] == d)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=d)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots)
+    ax.set_xticklabels([str(k) for k in shots])
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{method}: few-shot accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
