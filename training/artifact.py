@@ -103,8 +103,7 @@ def save_prompt_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-artifact-", dir=out.parent))
     try:
         state = method.trainable_state_dict()
-        # safetensors cannot store an empty file meaningfully for zero-shot: store a marker-free empty dict
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": ARTIFACT_FORMAT, "method": method.name})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": f"{ARTIFACT_FORMAT}:{method.name}"})  # one key: deterministic bytes
         _write_json_atomic(tmp / CONFIG_FILE, config)
         if metrics is not None:
             _write_json_atomic(tmp / METRICS_FILE, dict(metrics))

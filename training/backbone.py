@@ -14,6 +14,7 @@ model config dict; nothing is added to open_clip's global config table.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -297,7 +298,9 @@ def save_compact_weights(model: torch.nn.Module, path: str | Path, *, dtype: tor
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
+    # one metadata entry at most: safetensors writes a multi-key metadata map in hash order, so the file bytes (and
+    # its sha256) would differ between identical saves
+    save_file(state, str(path), metadata={"promptclip": json.dumps(metadata, sort_keys=True)} if metadata else None)
     return path
 
 
