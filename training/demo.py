@@ -117,16 +117,16 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "toy-
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    splits = world.write_style_dataset(out / "data", "clean", classes=DEMO_CLASSES, train_per_class=16,
+    splits = world.write_style_dataset(out / "toyworld_data", "clean", classes=DEMO_CLASSES, train_per_class=16,
                                        test_per_class=8, seed=0)
     base = subsample_classes(splits, "base").classnames
     new = subsample_classes(splits, "new").classnames
-    _say("data", f"{len(splits.classnames)} toy-world classes ('clean' style) in {out / 'data'}; "
+    _say("data", f"{len(splits.classnames)} toy-world classes (clean style) in {out / 'toyworld_data'}; "
                  f"base {base}; new {new}")
 
     cfg = TrainConfig(epochs=1000, max_steps=steps, batch_size=16, lr=0.01, precision="auto", device="auto", seed=1,
                       log_every=10)
-    res = train_run(method_name="ivlp", data_root=out / "data", out_dir=out / "run", backbone_name=backbone,
+    res = train_run(method_name="ivlp", data_root=out / "toyworld_data", out_dir=out / "run", backbone_name=backbone,
                     pretrained=pretrained, method_config=_fit_depth(backbone), train_config=cfg, shots=16,
                     subsample="base")
     m = res.metrics
