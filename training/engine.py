@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from training.config import config_from_dict
 from training.errors import ConfigError
 from training.methods.base import PromptMethod, TrainBatch
 
@@ -69,15 +70,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> "TrainConfig":
-        values = dict(values or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"training config: {exc}") from exc
+        return config_from_dict(cls, values, "training config")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

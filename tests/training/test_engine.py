@@ -43,7 +43,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_bad_train_config_is_clear():
     with pytest.raises(ConfigError, match="optimizer must be sgd or adamw"):
         TrainConfig.from_dict({"optimizer": "lbfgs"})
-    with pytest.raises(ConfigError, match="unknown training option"):
+    with pytest.raises(ConfigError, match="training config: unknown option"):
         TrainConfig.from_dict({"epoch": 3})
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbone import Backbone
+from training.config import config_from_dict
 from training.errors import ConfigError
 from training.prompting.encoders import PromptedTextEncoder, PromptedVisionEncoder, l2_normalize
 
@@ -46,17 +47,7 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "MethodConfig":
-        values = dict(values or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(
-                f"{cls.__name__}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(names))}"
-            )
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{cls.__name__}: {exc}") from exc
+        return config_from_dict(cls, values, cls.__name__)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
