@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--loader-workers", default="0,2", help="DataLoader workers to measure beside the steps")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -97,12 +98,45 @@ def main() -> int:
             row[name] = {"seconds_per_step": sec, "images_per_second": bs / sec, "ratio_vs_ivlp": base / sec}
             print(f"batch {bs:4d} {name:10s} {bs / sec:9.1f} img/s  ({1000 * sec:7.1f} ms/step)  "
                   f"{base / sec:.2f}x of ivlp")
+        row["loader"] = _loader_throughput(args, bs, built["ivlp"][0])
         results["batch_sizes"][str(bs)] = row
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_train_step.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'bench_train_step.json'}")
     return 0
+
+
+def _loader_throughput(args, batch_size: int, method) -> dict:
+    """Images/s of the real input pipeline (PNG decode + train transform + collate) on toy-world files, with and
+    without the decoded-image cache, for each worker count: to read beside the step throughput above."""
+    import tempfile
+
+    from training.backbone import create_backbone
+    from training.data import ImageListDataset, make_loader
+    from training.toyworld import world
+    from training.workflow import train_transform
+
+    bb = create_backbone(args.backbone, args.pretrained)
+    root = Path(tempfile.gettempdir()) / "promptclip-bench-loader"
+    classes = world.style_classes("clean", num_classes=20, seed=0)
+    splits = world.write_style_dataset(root, "clean", classes=classes, train_per_class=32, test_per_class=1, seed=0)
+    samples = splits.train  # 640 images
+    tf = train_transform(bb, "crop_flip")
+    out = {}
+    for workers in [int(w) for w in args.loader_workers.split(",")]:
+        for cache in (False, True):
+            ds = ImageListDataset(samples, tf, cache_decoded=cache)
+            if cache:
+                for i in range(len(ds)):  # fill the cache (the first epoch in real training)
+                    ds[i]
+            loader = make_loader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, seed=0)
+            t = time.perf_counter()
+            n = sum(x.shape[0] for x, _ in loader)
+            rate = n / (time.perf_counter() - t)
+            out[f"workers{workers}_cache{int(cache)}"] = rate
+            print(f"batch {batch_size:4d} loader workers={workers} cache={'on ' if cache else 'off'} {rate:9.1f} img/s")
+    return out
 
 
 if __name__ == "__main__":
