@@ -71,3 +71,21 @@ class RuntimeUnavailableError(PromptclipError):
     """The requested inference runtime (onnxruntime / TensorRT) is not installed or usable here."""
 
     http_status = 500
+
+
+class ServiceConfigError(PromptclipError):
+    """The service's environment configuration is missing or invalid."""
+
+    http_status = 500
+
+
+class UnsupportedMediaTypeError(RequestError):
+    """The request body has the wrong Content-Type for the endpoint."""
+
+    http_status = 415
+
+
+class PayloadTooLargeError(RequestError):
+    """The request body exceeds ``PROMPTCLIP_MAX_UPLOAD_BYTES``."""
+
+    http_status = 413

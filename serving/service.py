@@ -44,7 +44,8 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.responses import JSONResponse
 
 from .classifier import Classifier
-from .errors import AuthError, PromptclipError, RequestError
+from .errors import (AuthError, PayloadTooLargeError, PromptclipError, RequestError, ServiceConfigError,
+                     UnsupportedMediaTypeError)
 from .schemas import (
     AddClassesResponse,
     ClassifyBatchResponse,
@@ -63,24 +64,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_BATCH_IMAGES = 32
-
-
-class ServiceConfigError(PromptclipError):
-    """The service's environment configuration is missing or invalid."""
-
-    http_status = 500
-
-
-class UnsupportedMediaTypeError(RequestError):
-    """The request body has the wrong Content-Type for the endpoint."""
-
-    http_status = 415
-
-
-class PayloadTooLargeError(RequestError):
-    """The request body exceeds ``PROMPTCLIP_MAX_UPLOAD_BYTES``."""
-
-    http_status = 413
 
 
 # -- configuration ---------------------------------------------------------------------------------

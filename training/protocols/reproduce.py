@@ -13,7 +13,6 @@ under ``ROOT/toyworld/``), so the whole pipeline can be exercised offline.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from training.data import DatasetSplits, read_dataset
 from training.engine import TrainConfig
 from training.errors import ConfigError
 from training.protocols import report
+from training.protocols.runlog import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -71,27 +71,6 @@ def load_dataset(name: str, root: str | Path) -> DatasetSplits:
         splits.name = name
         return splits
     return read_dataset(name, root)
-
-
-class RunLog:
-    """Append-only record of finished runs (``runs.jsonl``): what makes a reproduction resumable."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[row["run_id"]] = row
-
-    def __contains__(self, run_id: str) -> bool:
-        return run_id in self.rows
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows[row["run_id"]] = row
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def _train_cfg(cfg: ReproduceConfig, seed: int) -> TrainConfig:

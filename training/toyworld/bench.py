@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from training.engine import TrainConfig
 from training.errors import ConfigError
 from training.protocols import report
+from training.protocols.runlog import RunLog
 from training.toyworld import world
 
 log = logging.getLogger(__name__)
@@ -89,29 +90,6 @@ def _method_config(method: str, backbone: str) -> dict[str, Any]:
     return out
 
 
-@dataclass
-class BenchRun:
-    cfg: BenchConfig
-    out: Path
-    done: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def log_path(self) -> Path:
-        return self.out / "runs.jsonl"
-
-    def load(self) -> None:
-        if self.log_path.exists():
-            for line in self.log_path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.done[row["run_id"]] = row
-
-    def record(self, row: dict[str, Any]) -> None:
-        self.done[row["run_id"]] = row
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
 def _train_cfg(cfg: BenchConfig, seed: int) -> TrainConfig:
     return TrainConfig(epochs=10_000, max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                        optimizer=cfg.optimizer, augment=cfg.augment, seed=seed, precision="auto", device="auto", log_every=20)
@@ -125,8 +103,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     methods = list(cfg.methods or list_methods())
-    bench = BenchRun(cfg, out)
-    bench.load()
+    runs = RunLog(out / "runs.jsonl")
     t0 = time.perf_counter()
     data = out / "data"
     style_data: dict[str, Path] = {}
@@ -151,7 +128,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
             if "base2novel" in cfg.protocols:
                 for style in cfg.styles:
                     run_id = f"b2n/{style}/{method}/seed{seed}"
-                    if run_id in bench.done:
+                    if run_id in runs:
                         continue
                     t = time.perf_counter()
                     res = train_run(method_name=method_name, data_root=style_data[style], out_dir=runs_dir / run_id,
@@ -159,7 +136,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
                                     train_config=_train_cfg(cfg, seed), shots=cfg.shots, subsample="base",
                                     overwrite=True, progress=progress)
                     m = res.metrics
-                    bench.record({"run_id": run_id, "protocol": "base2novel", "style": style, "method": method,
+                    runs.add({"run_id": run_id, "protocol": "base2novel", "style": style, "method": method,
                                   "seed": seed, "base": m["base_accuracy"], "new": m["new_accuracy"],
                                   "hm": m["harmonic_mean"], "seconds": round(time.perf_counter() - t, 1)})
                     log.info("%s: base %.1f new %.1f HM %.1f", run_id, 100 * m["base_accuracy"],
@@ -167,39 +144,37 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
             if {"cross_style", "dg"} & set(cfg.protocols):
                 src_id = f"source/{cfg.source_style}/{method}/seed{seed}"
                 pending = [s for s in cfg.styles if s != cfg.source_style and
-                           (("cross_style" in cfg.protocols and f"xs/{s}/{method}/seed{seed}" not in bench.done) or
-                            ("dg" in cfg.protocols and f"dg/{s}/{method}/seed{seed}" not in bench.done))]
-                if not pending and src_id in bench.done:
+                           (("cross_style" in cfg.protocols and f"xs/{s}/{method}/seed{seed}" not in runs) or
+                            ("dg" in cfg.protocols and f"dg/{s}/{method}/seed{seed}" not in runs))]
+                if not pending and src_id in runs:
                     continue
                 res = train_run(method_name=method_name, data_root=style_data[cfg.source_style], out_dir=runs_dir / src_id,
                                 backbone_name=cfg.backbone, pretrained=cfg.pretrained, method_config=mcfg,
                                 train_config=_train_cfg(cfg, seed), shots=cfg.shots, subsample="all", overwrite=True,
                                 progress=progress)
-                if src_id not in bench.done:
-                    bench.record({"run_id": src_id, "protocol": "source", "style": cfg.source_style, "method": method,
+                if src_id not in runs:
+                    runs.add({"run_id": src_id, "protocol": "source", "style": cfg.source_style, "method": method,
                                   "seed": seed, "accuracy": res.metrics.get("all_accuracy")})
                 from training.artifact import load_prompt_artifact
 
                 art = load_prompt_artifact(res.artifact)
                 for s in pending:
-                    if "cross_style" in cfg.protocols and f"xs/{s}/{method}/seed{seed}" not in bench.done:
+                    if "cross_style" in cfg.protocols and f"xs/{s}/{method}/seed{seed}" not in runs:
                         r = evaluate_artifact(art, style_data[s], subsample="all")
-                        bench.record({"run_id": f"xs/{s}/{method}/seed{seed}", "protocol": "cross_style", "style": s,
+                        runs.add({"run_id": f"xs/{s}/{method}/seed{seed}", "protocol": "cross_style", "style": s,
                                       "method": method, "seed": seed, "accuracy": r["accuracy"]})
-                    if "dg" in cfg.protocols and f"dg/{s}/{method}/seed{seed}" not in bench.done:
+                    if "dg" in cfg.protocols and f"dg/{s}/{method}/seed{seed}" not in runs:
                         r = evaluate_artifact(art, dg_data[s], subsample="all")
-                        bench.record({"run_id": f"dg/{s}/{method}/seed{seed}", "protocol": "dg", "style": s,
+                        runs.add({"run_id": f"dg/{s}/{method}/seed{seed}", "protocol": "dg", "style": s,
                                       "method": method, "seed": seed, "accuracy": r["accuracy"]})
-    summary = write_reports(bench, methods)
+    summary = write_reports(cfg, out, list(runs.rows.values()), methods)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     report.write_json(out / "summary.json", summary)
     return summary
 
 
-def write_reports(bench: BenchRun, methods: Sequence[str]) -> dict[str, Any]:
+def write_reports(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
     """Tables (results.md, *.csv, summary.json) and charts (b2n_hm.png, b2n_base_new.png, transfer.png)."""
-    cfg, out = bench.cfg, bench.out
-    rows = list(bench.done.values())
     summary: dict[str, Any] = {"config": asdict(cfg), "methods": list(methods)}
     md = [f"# Toy-world benchmark ({cfg.backbone}, {cfg.shots} shots, seeds {list(cfg.seeds)}, {cfg.steps} steps)", ""]
     b2n = [r for r in rows if r["protocol"] == "base2novel"]

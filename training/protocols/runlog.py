@@ -1,0 +1,27 @@
+"""The append-only record of finished runs shared by the protocol runners and the toy benchmark."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    """Append-only record of finished runs (``runs.jsonl``): what makes a reproduction resumable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["run_id"]] = row
+
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self.rows
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows[row["run_id"]] = row
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
