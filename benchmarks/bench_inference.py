@@ -108,7 +108,6 @@ def main() -> int:
     clf = Classifier.from_bundle(bundle)
     clf.classify_bytes([blob], top_k=5)
     inproc = [_median_ms(lambda: clf.classify_bytes([blob], top_k=5), 1) for _ in range(args.runs)]
-    del clf
     with ServerProcess(bundle, log_path=out / "bench_server.log") as server:
         server.wait_ready()
         with httpx.Client(base_url=server.url, timeout=60) as client:

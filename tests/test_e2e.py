@@ -2,13 +2,10 @@
 -> classify -> add a class at runtime -> classify, for coop and ivlp."""
 from __future__ import annotations
 
-import io
 import os
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from training.demo import ServerProcess
 
