@@ -318,11 +318,18 @@ def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Te
 
     dev = resolve_device(device)
     method.to(dev).eval()
-    text = encode_classes(method, class_token_ids)  # [C, D]
+    image_conditioned = method.capabilities.text_depends_on_image
+    text = None if image_conditioned else encode_classes(method, class_token_ids)  # [C, D], once
     correct, total = 0, 0
     for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
-        feats = method.encode_image(images.to(dev))  # [B, D]
-        pred = method.logits(feats.float(), text).argmax(-1).cpu()
+        images = images.to(dev)
+        feats = method.encode_image(images).float()  # [B, D]
+        if image_conditioned:  # class text encoded per image (B x C text passes)
+            per_image = method.encode_text_for_images(class_token_ids.to(dev), images).float()  # [B, C, D]
+            logits = method.logit_scale * torch.einsum("bd,bcd->bc", feats, per_image)
+        else:
+            logits = method.logits(feats, text)
+        pred = logits.argmax(-1).cpu()
         correct += int((pred == labels).sum())
         total += int(labels.numel())
     return {"accuracy": correct / total if total else float("nan"), "num_images": total}

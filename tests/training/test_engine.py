@@ -154,3 +154,25 @@ def test_train_run_reports_base_new_and_harmonic_mean(trained):
         cfg = read_prompt_config(run.artifact)
         assert cfg["trained_on"]["classnames"] == sorted(cfg["trained_on"]["classnames"])
         assert len(cfg["trained_on"]["classnames"]) == 4
+
+
+def test_evaluate_scores_image_conditioned_text_per_image():
+    """For a method whose text depends on the image, evaluate uses encode_text_for_images (B x C), not one text
+    matrix: predictions equal a direct per-image computation."""
+    from promptclip_testing import tiny_method_config
+    from training.engine import evaluate
+
+    m = create_method("isp", create_backbone(TINY), {**tiny_method_config("isp"), "csp_variant": "B"}).eval()
+    with torch.no_grad():
+        for name, p in m.trainable_parameters().items():
+            if "gate" in name:
+                p.fill_(0.5)
+    ids = _ids(m)
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    res = evaluate(m, [(x, y)], ids, device="cpu")
+    with torch.no_grad():
+        f = m.encode_image(x)
+        g = m.encode_text_for_images(ids, x)  # [B, C, D]
+        pred = torch.einsum("bd,bcd->bc", f, g).argmax(-1)
+    assert res["accuracy"] == pytest.approx(float((pred == y).float().mean()))

@@ -369,7 +369,7 @@ def _train(shapes, out, **overrides):
     return train_run(method_name="isp", data_root=shapes, out_dir=out, backbone_name=TINY,
                      method_config={**tiny_method_config("isp"), **overrides},
                      train_config=TrainConfig(max_steps=2, batch_size=4, device="cpu", precision="fp32"),
-                     evaluate_splits=overrides.get("csp_variant") != "B", progress=False)
+                     progress=False)
 
 
 def test_train_and_export_variant_a_extends_classes_at_runtime(shapes, tmp_path):
@@ -417,6 +417,8 @@ def test_variant_b_export_is_refused_clearly(shapes, tmp_path):
 
     run = _train(shapes, tmp_path / "run", csp_variant="B")
     assert np.isfinite(run.metrics["final_loss"])
+    # evaluation scores image-conditioned text too (class text encoded per image)
+    assert 0.0 <= run.metrics["base_accuracy"] <= 1.0 and 0.0 <= run.metrics["new_accuracy"] <= 1.0
     cfg = json.loads((run.artifact / "prompt_config.json").read_text())
     assert cfg["method"]["capabilities"]["text_depends_on_image"] is True
     assert cfg["method"]["config"]["csp_variant"] == "B"

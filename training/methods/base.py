@@ -141,6 +141,11 @@ class PromptMethod(nn.Module):
         """token_ids [N, L] int64 (from :meth:`prompt_texts`) -> L2-normalised text embeddings [N, D]."""
         return l2_normalize(self.text_encoder(token_ids, self.text_prompts(prompt_set), ctx_start=1))
 
+    def encode_text_for_images(self, token_ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, L] + [B, 3, H, W] -> [B, N, D] text embeddings per image. Methods whose text depends on the image
+        (``capabilities.text_depends_on_image``) override this; the default broadcasts :meth:`encode_text`."""
+        return self.encode_text(token_ids).unsqueeze(0).expand(pixels.shape[0], -1, -1)
+
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """[B, D] x [C, D] -> [B, C] scaled cosine logits."""
         return self.logit_scale * image_features @ text_features.t()
