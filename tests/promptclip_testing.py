@@ -41,3 +41,18 @@ def make_fake_oxford_pets(root, classes=("abyssinian", "beagle", "boxer", "chihu
                 split[part].append([fname, label, name])
     (base / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
     return Path(root)
+
+
+def assert_torch_free(statements: str) -> None:
+    """Run ``statements`` in a fresh interpreter and assert torch/torchvision/open_clip were never imported."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (statements + "\nimport sys\nbad = [m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules]"
+            "\nassert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr

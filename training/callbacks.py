@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
+from training.engine import Callback
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ def gaussian_epoch_weights(epochs: Sequence[int], mean: float, std: float) -> tu
     return [r / total for r in raw], eff_mean
 
 
-class GaussianPromptAggregation:
+class GaussianPromptAggregation(Callback):
     """Gaussian prompt aggregation (GPA), as a :class:`~training.engine.Callback`.
 
     Semantics (PromptSRC's, per epoch): epochs are numbered from 1 (the engine's 0-based ``epoch`` + 1). At the
@@ -68,8 +70,6 @@ class GaussianPromptAggregation:
     def on_train_start(self, method: Any, total_steps: int) -> None:
         self.snapshots, self.weights, self.effective_mean = {}, {}, None
 
-    def on_step_end(self, method: Any, step: int) -> None:
-        pass
 
     def on_epoch_end(self, method: Any, epoch: int) -> None:
         self.snapshots[int(epoch) + 1] = method.trainable_state_dict()
@@ -125,7 +125,7 @@ def bma_weight(t: int, total_steps: int, beta: float) -> float:
     return beta_pdf((t + 0.5) / (total_steps + 1), beta, beta)
 
 
-class BetaMovingAverage:
+class BetaMovingAverage(Callback):
     """CLIPood's Beta moving average (BMA; Shu et al., ICML 2023; GuiDG's ``GeneralMovingAverage``), a
     :class:`~training.engine.Callback`.
 
@@ -199,8 +199,6 @@ class BetaMovingAverage:
     def on_step_end(self, method: Any, step: int) -> None:
         self._accumulate(method, int(step))
 
-    def on_epoch_end(self, method: Any, epoch: int) -> None:
-        pass
 
     def on_train_end(self, method: Any) -> None:
         if not self.average:
@@ -213,7 +211,7 @@ class BetaMovingAverage:
                  self.steps_seen, self._T)
 
 
-class WiseFT:
+class WiseFT(Callback):
     """WiSE-FT weight-space ensembling (Wortsman et al., CVPR 2022; GuiDG's ``wise_ft``), a
     :class:`~training.engine.Callback`.
 
@@ -237,11 +235,7 @@ class WiseFT:
     def on_train_start(self, method: Any, total_steps: int) -> None:
         self.initial = {name: p.detach().clone() for name, p in method.trainable_parameters().items()}
 
-    def on_step_end(self, method: Any, step: int) -> None:
-        pass
 
-    def on_epoch_end(self, method: Any, epoch: int) -> None:
-        pass
 
     def on_train_end(self, method: Any) -> None:
         if not self.initial:

@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -76,13 +76,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-class Callback(Protocol):
-    """Hooks of the loop; weight averaging (GPA, BMA, WiSE-FT) is written as one of these."""
+class Callback:
+    """Hooks of the loop (no-ops here; subclasses override what they need). Weight averaging (GPA, BMA, WiSE-FT)
+    is written as one of these."""
 
-    def on_train_start(self, method: PromptMethod, total_steps: int) -> None: ...
-    def on_step_end(self, method: PromptMethod, step: int) -> None: ...
-    def on_epoch_end(self, method: PromptMethod, epoch: int) -> None: ...
-    def on_train_end(self, method: PromptMethod) -> None: ...
+    def on_train_start(self, method: PromptMethod, total_steps: int) -> None:
+        """Before the first step; ``total_steps`` is the schedule length."""
+
+    def on_step_end(self, method: PromptMethod, step: int) -> None:
+        """After optimisation step ``step`` (counted from 1)."""
+
+    def on_epoch_end(self, method: PromptMethod, epoch: int) -> None:
+        """After epoch ``epoch`` (counted from 0), before the resume checkpoint is written."""
+
+    def on_train_end(self, method: PromptMethod) -> None:
+        """After the last step."""
 
 
 @dataclass
