@@ -13,7 +13,6 @@ from serving.tokenizer import ClipTokenizer, default_vocab_path
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 LONG_NAME = " ".join(["extraordinarily long hyphenated-class name with many words"] * 12)
 
