@@ -4,6 +4,10 @@
 new, incomplete, tampered with, or made by a method whose text features depend on the image --
 with a :class:`~serving.errors.BundleError` that says what to do. :func:`sha256_file` is also what
 ``export`` uses to write the hashes, so writer and reader agree by construction.
+
+Both bundle formats are read: format 1 (one prompt set) and format 2 (several prompt sets, e.g.
+GuiDG's domain experts), which adds the top-level ``prompt_sets`` object and an ``expert_weights``
+output of the image graph (see :mod:`serving.format`).
 """
 from __future__ import annotations
 
@@ -23,11 +27,13 @@ import numpy as np
 from .errors import BundleError
 from .format import (
     BUNDLE_FORMAT,
-    BUNDLE_FORMAT_VERSION,
+    COMBINE_WEIGHTED_SUM,
+    EXPERT_WEIGHTS_OUTPUT,
     IMAGE_INPUT,
     IMAGE_OUTPUT,
     KNOWN_MANIFEST_KEYS,
     MANIFEST_FILE,
+    MULTI_SET_FORMAT_VERSION,
     READER_VERSION,
     TEXT_INPUT,
     TEXT_OUTPUT,
@@ -45,7 +51,8 @@ _HASH_CHUNK = 1 << 20
 _HASH_PREFIX = 12
 _REEXPORT = "re-export the bundle with `promptclip export`"
 
-#: Dotted manifest keys a format-1 bundle must have (``graphs.*`` specs are checked separately).
+#: Dotted manifest keys every bundle must have (``graphs.*`` specs and, for several prompt sets,
+#: ``prompt_sets`` are checked separately).
 _REQUIRED_KEYS = (
     "format", "format_version", "min_reader_version", "embedding_dim", "logit_scale", "preprocessing",
     "method", "method.name", "method.capabilities", "method.capabilities.text_depends_on_image",
@@ -148,6 +155,14 @@ class Bundle:
         return int(self.manifest["method"]["capabilities"]["num_prompt_sets"])
 
     @property
+    def prompt_set_names(self) -> list[str]:
+        """Names of the prompt sets in order (``manifest["prompt_sets"]["names"]``; ``["default"]`` for one set)."""
+        prompt_sets = self.manifest.get("prompt_sets")
+        if isinstance(prompt_sets, Mapping):
+            return [str(n) for n in prompt_sets["names"]]
+        return ["default"]
+
+    @property
     def text_depends_on_image(self) -> bool:
         """Whether the method's text features depend on the image (never true for a loaded bundle)."""
         return bool(self.manifest["method"]["capabilities"]["text_depends_on_image"])
@@ -245,9 +260,9 @@ def _check_version(manifest: dict, manifest_path: Path) -> None:
             "the bundle with this promptclip version."
         )
     fv = manifest.get("format_version")
-    if _is_int(fv) and fv > BUNDLE_FORMAT_VERSION:
+    if _is_int(fv) and fv > MULTI_SET_FORMAT_VERSION:
         logger.info("bundle format_version %s is newer than %s; reading it as version %s (min_reader_version %s)",
-                    fv, BUNDLE_FORMAT_VERSION, READER_VERSION, needed)
+                    fv, MULTI_SET_FORMAT_VERSION, READER_VERSION, needed)
 
 
 def _lookup(manifest: Mapping, dotted: str) -> tuple[bool, Any]:
@@ -347,6 +362,40 @@ def _check_values(m: dict, manifest_path: Path) -> None:
     _check_io(graphs["image"], "graphs.image", IMAGE_INPUT, "float32", IMAGE_OUTPUT, bad)
     for i, spec in enumerate(graphs["text"]):
         _check_io(spec, f"graphs.text[{i}]", TEXT_INPUT, "int64", TEXT_OUTPUT, bad)
+    _check_prompt_sets(m, n, bad)
+
+
+def _check_prompt_sets(m: dict, n: int, bad) -> None:
+    """Format 2: ``prompt_sets`` and the image graph's ``expert_weights`` output, required when ``n > 1``."""
+    prompt_sets = m.get("prompt_sets")
+    if prompt_sets is None:
+        if n > 1:
+            raise bad(f"prompt_sets is missing: a bundle with {n} prompt sets (format {MULTI_SET_FORMAT_VERSION}) "
+                      f"needs prompt_sets = {{names: [{n} names], combine: {COMBINE_WEIGHTED_SUM!r}}}")
+    else:
+        # Optional for one prompt set, but checked when present.
+        if not isinstance(prompt_sets, Mapping):
+            raise bad(f"prompt_sets must be a JSON object, got {type(prompt_sets).__name__}")
+        names = prompt_sets.get("names")
+        if (not isinstance(names, list) or len(names) != n
+                or not all(isinstance(s, str) and s.strip() for s in names)):
+            raise bad(f"prompt_sets.names must be a list of {n} non-empty strings (one per prompt set, "
+                      f"num_prompt_sets is {n}), got {names!r}")
+        if len(set(names)) != len(names):
+            raise bad(f"prompt_sets.names has duplicates: {sorted({s for s in names if names.count(s) > 1})}")
+        combine = prompt_sets.get("combine")
+        if combine != COMBINE_WEIGHTED_SUM:
+            raise bad(f"prompt_sets.combine is {combine!r}; this reader only knows {COMBINE_WEIGHTED_SUM!r}")
+    if n > 1:
+        outputs = m["graphs"]["image"]["outputs"]
+        outputs = outputs if isinstance(outputs, list) else []
+        spec = next((x for x in outputs if isinstance(x, Mapping) and x.get("name") == EXPERT_WEIGHTS_OUTPUT), None)
+        if spec is None:
+            raise bad(f"graphs.image.outputs has no output named {EXPERT_WEIGHTS_OUTPUT!r}: a bundle with {n} "
+                      "prompt sets needs the per-image weights of its prompt sets")
+        if spec.get("dtype", "float32") != "float32":
+            raise bad(f"graphs.image output {EXPERT_WEIGHTS_OUTPUT!r} has dtype {spec.get('dtype')!r}, "
+                      "expected 'float32'")
 
 
 def _check_io(spec: Mapping, where: str, input_name: str, input_dtype: str, output_name: str, bad) -> None:

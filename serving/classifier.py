@@ -8,6 +8,11 @@ subclasses for anything a caller can get wrong.
 Class embeddings come from the bundle's precomputed table for the bundle's classes and from the
 exported text encoder (template + tokenizer + ``runtime.run_text``) for names added at runtime or
 given ad hoc; encoded names are cached (LRU) by name.
+
+A bundle may have S prompt sets (format 2, e.g. GuiDG's domain experts): each class then has one
+embedding per set (each set's text graph on that set's template), the image graph also gives per-image
+weights ``w [B, S]`` of the sets, and ``logits[b, c] = logit_scale * sum_k w[b, k] * (f[b] . T_k[c])``.
+With one set this is ``logit_scale * f @ T.T`` exactly as before.
 """
 from __future__ import annotations
 
@@ -64,7 +69,6 @@ class Classifier:
         max_image_pixels: int | None = None,
         cache_size: int = 20000,
     ) -> None:
-        _require_single_prompt_set(bundle)
         self.bundle = bundle
         self.runtime = runtime
         self.registry = registry
@@ -72,14 +76,15 @@ class Classifier:
         self.max_adhoc_classes = int(max_adhoc_classes)
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
-        self._template = bundle.templates[0]
+        self._num_sets = bundle.num_prompt_sets
+        self._templates = bundle.templates
         self._logit_scale = np.float32(bundle.logit_scale)
-        self._bundle_embeddings = load_class_embeddings(bundle)[0]
+        self._bundle_embeddings = np.stack(load_class_embeddings(bundle))  # [S, C, D] float32
         self._bundle_rows = {name: i for i, name in enumerate(bundle.class_names)}
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # name -> [S, D]
         self._cache_size = int(cache_size)
         self._lock = threading.Lock()
-        self._active: tuple[int, list[str], np.ndarray] | None = None
+        self._active: tuple[int, list[str], np.ndarray] | None = None  # (version, names, [S, C, D])
 
     @classmethod
     def from_bundle(
@@ -104,7 +109,6 @@ class Classifier:
             warmup: encode the registry's runtime-added classes now rather than on the first request.
         """
         bundle = load_bundle(bundle_dir, verify_hashes=verify_hashes)
-        _require_single_prompt_set(bundle)  # before the (slow) runtime is built
         kwargs: dict[str, Any] = {}
         if providers is not None:
             kwargs["providers"] = providers
@@ -116,8 +120,8 @@ class Classifier:
         except (OSError, ValueError) as exc:
             raise BundleError(f"cannot load the bundle's tokenizer vocabulary {bundle.vocab_path}: {exc}; "
                               "re-export the bundle") from exc
-        registry = ClassRegistry(state_dir, bundle.class_names, tokenizer=tokenizer, template=bundle.templates[0],
-                                 max_classes=max_classes)
+        registry = ClassRegistry(state_dir, bundle.class_names, tokenizer=tokenizer,
+                                 template=_longest_template(bundle.templates, tokenizer), max_classes=max_classes)
         clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes,
                   max_image_bytes=max_image_bytes)
         if warmup:
@@ -144,7 +148,8 @@ class Classifier:
 
         Returns:
             Per image, ``top_k`` dicts ``{"name", "score", "logit"}`` by decreasing score; ``score`` is
-            the softmax probability over the whole class list, ``logit`` is ``logit_scale * cosine``.
+            the softmax probability over the whole class list, ``logit`` is ``logit_scale * cosine`` (with
+            several prompt sets: the image's weighted sum of the per-set cosines, times ``logit_scale``).
 
         Raises:
             RequestError: no images, ``top_k`` out of range, too many ad-hoc classes.
@@ -162,8 +167,11 @@ class Classifier:
         cfg = self.bundle.preprocessing
         for start in range(0, len(images), IMAGE_BATCH):
             pixels = preprocess(images[start:start + IMAGE_BATCH], cfg)
-            image_embeds = self.runtime.run_image(pixels)
-            results.extend(self._rank(image_embeds, names, matrix, k))
+            if self._num_sets == 1:
+                image_embeds, weights = self.runtime.run_image(pixels), None
+            else:
+                image_embeds, weights = self.runtime.run_image_and_weights(pixels)
+            results.extend(self._rank(image_embeds, weights, names, matrix, k))
         return results
 
     def classify_bytes(self, blobs: Sequence[bytes], **kw: Any) -> list[list[dict]]:
@@ -194,10 +202,16 @@ class Classifier:
                 f"top_k must be between 1 and {num_classes} (the number of classes), got {top_k}", field="top_k")
         return int(top_k)
 
-    def _rank(self, image_embeds: np.ndarray, names: list[str], matrix: np.ndarray, k: int) -> list[list[dict]]:
-        # A method with several prompt sets would combine per-set logits here (e.g. with per-image
-        # expert weights from an extra image-graph output); the callers stay the same.
-        logits = self._logit_scale * (image_embeds @ matrix.T)  # [B, C] float32
+    def _rank(self, image_embeds: np.ndarray, weights: np.ndarray | None, names: list[str], matrix: np.ndarray,
+              k: int) -> list[list[dict]]:
+        """Top ``k`` of ``names`` per image; ``image_embeds [B, D]``, ``weights [B, S]`` or None (S == 1),
+        ``matrix [S, C, D]``."""
+        num_sets, num_classes, dim = matrix.shape
+        if weights is None:
+            logits = self._logit_scale * (image_embeds @ matrix[0].T)  # [B, C] float32
+        else:
+            sims = (image_embeds @ matrix.reshape(num_sets * num_classes, dim).T).reshape(-1, num_sets, num_classes)
+            logits = self._logit_scale * np.einsum("bs,bsc->bc", weights, sims)  # [B, C] float32
         shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
         probs = np.exp(shifted)
         probs /= probs.sum(axis=1, keepdims=True)
@@ -210,7 +224,7 @@ class Classifier:
     # -- class embeddings ----------------------------------------------------------------------
 
     def _active_classes(self) -> tuple[list[str], np.ndarray]:
-        """The registry's classes and their ``[C, D]`` embeddings (rebuilt when the version changes)."""
+        """The registry's classes and their ``[S, C, D]`` embeddings (rebuilt when the version changes)."""
         self.registry.refresh()
         version, names = self.registry.snapshot()
         active = self._active
@@ -236,40 +250,63 @@ class Classifier:
         return names, self._embeddings_for(names)
 
     def _embeddings_for(self, names: list[str]) -> np.ndarray:
-        """``[C, D]`` float32 embeddings of ``names``: bundle rows, cached encodings, or fresh encodings."""
-        out = np.empty((len(names), self.bundle.embedding_dim), dtype=np.float32)
+        """``[S, C, D]`` float32 embeddings of ``names``: bundle rows, cached encodings, or fresh encodings."""
+        out = np.empty((self._num_sets, len(names), self.bundle.embedding_dim), dtype=np.float32)
         missing: list[int] = []
         with self._lock:
             for i, name in enumerate(names):
                 row = self._bundle_rows.get(name)
                 if row is not None:
-                    out[i] = self._bundle_embeddings[row]
+                    out[:, i] = self._bundle_embeddings[:, row]
                 elif (cached := self._cache.get(name)) is not None:
                     self._cache.move_to_end(name)
-                    out[i] = cached
+                    out[:, i] = cached
                 else:
                     missing.append(i)
         if missing:
-            encoded = self.encode_text([names[i] for i in missing])
-            out[missing] = encoded
+            encoded = self._encode_all_sets([names[i] for i in missing])  # [M, S, D]
+            out[:, missing] = encoded.transpose(1, 0, 2)
             with self._lock:
-                for i, vec in zip(missing, encoded):
-                    self._cache[names[i]] = vec
+                for i, vecs in zip(missing, encoded):
+                    self._cache[names[i]] = vecs
                     self._cache.move_to_end(names[i])
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return out
 
-    def encode_text(self, names: Sequence[str]) -> np.ndarray:
-        """``[N, D]`` text embeddings of ``names`` put into the bundle's template (no normalisation of names)."""
+    def encode_text(self, names: Sequence[str], prompt_set: int | None = None) -> np.ndarray:
+        """Text embeddings of ``names``, each put into a prompt set's template (no normalisation of names).
+
+        Args:
+            prompt_set: the set to encode with; ``None`` means all of them.
+
+        Returns:
+            ``[N, D]`` for one prompt set (an int ``prompt_set``, or a single-set bundle), else ``[N, S, D]``.
+        """
+        if prompt_set is None:
+            out = self._encode_all_sets(names)  # [N, S, D]
+            return np.ascontiguousarray(out[:, 0]) if self._num_sets == 1 else out
+        if isinstance(prompt_set, bool) or not isinstance(prompt_set, (int, np.integer)) \
+                or not 0 <= prompt_set < self._num_sets:
+            raise IndexError(f"prompt_set must be an int in 0..{self._num_sets - 1} (the bundle has "
+                             f"{self._num_sets} prompt set(s)), got {prompt_set!r}")
+        return self._encode_set(list(names), int(prompt_set))
+
+    def _encode_all_sets(self, names: Sequence[str]) -> np.ndarray:
+        """``[N, S, D]`` embeddings of ``names`` by every prompt set's text graph and template."""
         names = list(names)
+        return np.ascontiguousarray(np.stack([self._encode_set(names, k) for k in range(self._num_sets)], axis=1))
+
+    def _encode_set(self, names: list[str], prompt_set: int) -> np.ndarray:
+        """``[N, D]`` embeddings of ``names`` in prompt set ``prompt_set``'s template, by its text graph."""
         if not names:
             return np.zeros((0, self.bundle.embedding_dim), dtype=np.float32)
-        texts = [self._template.format(n) for n in names]
+        template = self._templates[prompt_set]
+        texts = [template.format(n) for n in names]
         chunks = []
         for start in range(0, len(texts), TEXT_BATCH):
             ids = self.tokenizer(texts[start:start + TEXT_BATCH])  # raises ClassNameError, never truncates
-            chunks.append(self.runtime.run_text(ids, 0))
+            chunks.append(self.runtime.run_text(ids, prompt_set))
         return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
 
     # -- class list management -----------------------------------------------------------------
@@ -295,7 +332,7 @@ class Classifier:
         return {"names": names, "version": version, "num_classes": len(names)}
 
     def info(self) -> dict:
-        """Health/readiness details: method, classes, runtime and providers."""
+        """Health/readiness details: method, classes, prompt sets, runtime and providers."""
         self.registry.refresh()
         version, names = self.registry.snapshot()
         backbone = self.bundle.manifest.get("backbone") or {}
@@ -308,12 +345,11 @@ class Classifier:
             "runtime": self.runtime.name,
             "providers": list(self.runtime.providers),
             "embedding_dim": self.bundle.embedding_dim,
+            "num_prompt_sets": self._num_sets,
+            "prompt_sets": self.bundle.prompt_set_names,
         }
 
 
-def _require_single_prompt_set(bundle: Bundle) -> None:
-    if bundle.num_prompt_sets != 1:
-        raise BundleError(
-            f"bundle method {bundle.method_name!r} has {bundle.num_prompt_sets} prompt sets; this version of the "
-            "serving stack serves single-prompt-set bundles only -- upgrade promptclip, or export a "
-            "single-prompt-set method.")
+def _longest_template(templates: Sequence[str], tokenizer: ClipTokenizer) -> str:
+    """The template leaving the fewest tokens for a class name (so a name that fits it fits every set's)."""
+    return max(templates, key=lambda t: tokenizer.num_tokens(t.format("")))

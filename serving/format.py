@@ -31,14 +31,31 @@ manifest.json keys (format_version 1)::
         GraphSpec = {file, sha256, opset, exporter, inputs: [{name, dtype, shape}], outputs: [...]}
     engines: [{graph, file, tensorrt_version, compute_capability, precision}]   (host-specific cache)
     parity: {image: {...}, text: {...}}   measured ORT-vs-torch figures written by export
+
+Format 2 (several prompt sets, e.g. GuiDG's domain experts; single-set bundles are still written as format 1)::
+
+    format_version: 2, min_reader_version: 2
+    method.capabilities.num_prompt_sets: S > 1
+    prompt_sets: {names: [S names, e.g. the source domains], combine: "weighted_sum"}
+    graphs.image outputs: image_embeds [B, D] and expert_weights float32 [B, S] (per image, each row a
+        distribution over the prompt sets; it never depends on the other images of a batch)
+    graphs.text: S graph specs (text_encoder_<k>.onnx), text.templates: S templates
+    class_embeddings.safetensors: "class_embeddings_<k>" [C, D] for k = 0..S-1
+
+    logits[b, c] = logit_scale * sum_k expert_weights[b, k] * (image_embeds[b] . class_embeddings_k[c])
+
+A class added at runtime is encoded by every prompt set's text graph; the expert weights depend on the image only
+(the weighting head's keys are fixed at export), so a runtime class is scored exactly like an exported one.
 """
 from __future__ import annotations
 
 BUNDLE_FORMAT = "promptclip.bundle"
-#: Version this code writes.
+#: Version this code writes for single-prompt-set bundles (readable by every reader).
 BUNDLE_FORMAT_VERSION = 1
+#: Version this code writes for bundles with several prompt sets (``prompt_sets`` + ``expert_weights``).
+MULTI_SET_FORMAT_VERSION = 2
 #: Newest ``min_reader_version`` this reader understands.
-READER_VERSION = 1
+READER_VERSION = 2
 
 MANIFEST_FILE = "manifest.json"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
@@ -49,11 +66,16 @@ IMAGE_INPUT = "pixel_values"
 IMAGE_OUTPUT = "image_embeds"
 TEXT_INPUT = "input_ids"
 TEXT_OUTPUT = "text_embeds"
+#: Second image-graph output of multi-set bundles: float32 [B, S] per-image weights of the prompt sets.
+EXPERT_WEIGHTS_OUTPUT = "expert_weights"
+#: The only ``prompt_sets.combine`` rule (see the module docstring).
+COMBINE_WEIGHTED_SUM = "weighted_sum"
 
 #: Keys a format-1 manifest may hold at top level; readers warn once on others.
 KNOWN_MANIFEST_KEYS = frozenset({
     "format", "format_version", "min_reader_version", "created_by", "method", "backbone",
     "embedding_dim", "logit_scale", "preprocessing", "text", "classes", "graphs", "engines", "parity",
+    "prompt_sets",
 })
 
 

@@ -1,8 +1,9 @@
 """Inference runtimes for a bundle's exported graphs (torch-free).
 
-A :class:`Runtime` turns preprocessed pixels into image embeddings and token ids into text
-embeddings. :class:`OrtRuntime` runs the ONNX graphs with onnxruntime; a TensorRT runtime is
-planned but not part of this version (``create_runtime(kind="tensorrt")`` says so).
+A :class:`Runtime` turns preprocessed pixels into image embeddings (and, for a bundle with several
+prompt sets, per-image weights of the sets) and token ids into text embeddings. :class:`OrtRuntime`
+runs the ONNX graphs with onnxruntime; a TensorRT runtime is planned but not part of this version
+(``create_runtime(kind="tensorrt")`` says so).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import BundleError, RuntimeUnavailableError
-from .format import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
+from .format import EXPERT_WEIGHTS_OUTPUT, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
 
 __all__ = ["Runtime", "OrtRuntime", "create_runtime", "RUNTIME_KINDS"]
 
@@ -46,6 +47,13 @@ class Runtime(Protocol):
 
     def run_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """float32 ``[B,3,H,W]`` preprocessed pixels -> float32 ``[B,D]`` L2-normalised image embeddings."""
+        ...
+
+    def run_image_and_weights(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``[B,3,H,W]`` -> (``[B,D]`` image embeddings, float32 ``[B,S]`` prompt-set weights).
+
+        One run of the image graph; with one prompt set the weights are ones ``[B,1]``.
+        """
         ...
 
     def run_text(self, input_ids: np.ndarray, prompt_set: int = 0) -> np.ndarray:
@@ -149,6 +157,19 @@ class OrtRuntime:
         for k, session in enumerate(self._text):
             self._check_graph(session, b.graph_spec("text", k), b.graph_path("text", k).name,
                               TEXT_INPUT, [None, b.context_length], TEXT_OUTPUT)
+        if b.num_prompt_sets > 1:
+            # load_bundle made the manifest declare a float32 expert_weights output and _check_graph found it
+            # in the graph with that dtype; only its width is left to check.
+            fname = b.graph_path("image").name
+            outputs = {a.name: a for a in self._image.get_outputs()}
+            if EXPERT_WEIGHTS_OUTPUT not in outputs:
+                raise BundleError(
+                    f"{fname}: graph has no output {EXPERT_WEIGHTS_OUTPUT!r} (has {sorted(outputs)}), which a bundle "
+                    f"with {b.num_prompt_sets} prompt sets needs; re-export the bundle.")
+            _check_shape(outputs[EXPERT_WEIGHTS_OUTPUT].shape, [None, b.num_prompt_sets],
+                         f"output {EXPERT_WEIGHTS_OUTPUT!r}",
+                         lambda msg: BundleError(f"{fname}: {msg} ([batch, num_prompt_sets]); the graph does not "
+                                                 "match manifest.json -- re-export the bundle."))
 
     def _check_graph(self, session: Any, spec: dict, fname: str, input_name: str,
                      input_shape: list[int | None], output_name: str) -> None:
@@ -177,11 +198,27 @@ class OrtRuntime:
 
     def run_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """float32 ``[B,3,H,W]`` -> float32 ``[B,D]`` image embeddings."""
-        x = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        if x.ndim != 4 or x.shape[0] == 0:
-            raise ValueError(f"pixel_values must be a non-empty [B,3,H,W] array, got shape {x.shape}")
-        (out,) = self._image.run([IMAGE_OUTPUT], {IMAGE_INPUT: x})
+        (out,) = self._image.run([IMAGE_OUTPUT], {IMAGE_INPUT: _pixels(pixel_values)})
         return np.asarray(out, dtype=np.float32)
+
+    def run_image_and_weights(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``[B,3,H,W]`` -> (float32 ``[B,D]`` image embeddings, float32 ``[B,S]`` prompt-set weights).
+
+        Both come from one run of the image graph; with one prompt set the weights are ones ``[B,1]``
+        (the graph has no ``expert_weights`` output then).
+        """
+        x = _pixels(pixel_values)
+        s = self.bundle.num_prompt_sets
+        if s == 1:
+            (embeds,) = self._image.run([IMAGE_OUTPUT], {IMAGE_INPUT: x})
+            return np.asarray(embeds, dtype=np.float32), np.ones((x.shape[0], 1), dtype=np.float32)
+        embeds, weights = self._image.run([IMAGE_OUTPUT, EXPERT_WEIGHTS_OUTPUT], {IMAGE_INPUT: x})
+        if weights.shape != (x.shape[0], s):  # the S axis may be symbolic in the graph
+            raise BundleError(
+                f"{self.bundle.graph_path('image').name}: output {EXPERT_WEIGHTS_OUTPUT!r} has shape "
+                f"{list(weights.shape)} for {x.shape[0]} image(s), expected [{x.shape[0]}, {s}] "
+                "([batch, num_prompt_sets]); re-export the bundle.")
+        return np.asarray(embeds, dtype=np.float32), np.asarray(weights, dtype=np.float32)
 
     def run_text(self, input_ids: np.ndarray, prompt_set: int = 0) -> np.ndarray:
         """int64 ``[N,L]`` -> float32 ``[N,D]`` text embeddings of ``prompt_set``."""
@@ -195,6 +232,14 @@ class OrtRuntime:
 
     def __repr__(self) -> str:
         return f"OrtRuntime(bundle={str(self.bundle.root)!r}, providers={self.providers})"
+
+
+def _pixels(pixel_values: np.ndarray) -> np.ndarray:
+    """``pixel_values`` as a C-contiguous float32 ``[B,3,H,W]`` array with B >= 1."""
+    x = np.ascontiguousarray(pixel_values, dtype=np.float32)
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise ValueError(f"pixel_values must be a non-empty [B,3,H,W] array, got shape {x.shape}")
+    return x
 
 
 def _check_shape(actual: list, expected: list[int | None], what: str, fail) -> None:

@@ -98,6 +98,8 @@ class HealthResponse(BaseModel):
     runtime: str
     providers: list[str]
     embedding_dim: int
+    num_prompt_sets: int = Field(default=1, description="Prompt sets (text graphs) whose scores are combined.")
+    prompt_sets: list[str] = Field(default_factory=lambda: ["default"], description="Names of the prompt sets.")
 
 
 class ErrorResponse(BaseModel):

@@ -4,6 +4,10 @@ The graphs are tiny torch modules exported to ONNX: an image encoder (conv -> li
 normalise) and a text encoder (token embedding -> mean over non-pad tokens -> linear -> L2
 normalise). The class embeddings are computed by the same torch text module on the templated,
 tokenised class names, so a class added at runtime must match a direct torch computation.
+
+A second session bundle (:func:`multiset_bundle`) has three prompt sets (bundle format 2): its image
+module also returns softmax expert weights ``[B, 3]`` (second ONNX output ``expert_weights``) and
+each set has its own text module (different weights) and template.
 """
 from __future__ import annotations
 
@@ -27,14 +31,17 @@ from serving.format import (  # noqa: E402
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     CLASS_EMBEDDINGS_FILE,
+    COMBINE_WEIGHTED_SUM,
+    EXPERT_WEIGHTS_OUTPUT,
     IMAGE_GRAPH_FILE,
     IMAGE_INPUT,
     IMAGE_OUTPUT,
     MANIFEST_FILE,
-    READER_VERSION,
+    MULTI_SET_FORMAT_VERSION,
     TEXT_INPUT,
     TEXT_OUTPUT,
     VOCAB_FILE,
+    class_embeddings_key,
     text_graph_file,
 )
 
@@ -44,6 +51,9 @@ EMBED_DIM = 32
 IMAGE_SIZE = 32
 CONTEXT_LENGTH = 77
 LOGIT_SCALE = 50.0
+#: Templates and names of the three prompt sets of the multi-set bundle; set 1's template is the longest.
+MULTISET_TEMPLATES = ["a photo of a {}.", "a blurry sketch of a {}.", "art of a {}."]
+MULTISET_NAMES = ["photo", "sketch", "art"]
 
 
 @dataclass
@@ -57,12 +67,24 @@ class SyntheticBundle:
     image_embed: Callable[[np.ndarray], np.ndarray]  # torch image module on preprocessed pixels
 
 
-def _build_modules(vocab_size: int):
+@dataclass
+class MultiSetBundle:
+    """The session bundle with three prompt sets plus its torch modules."""
+
+    path: Path
+    class_names: list[str]
+    templates: list[str]
+    prompt_set_names: list[str]
+    text_embed: Callable[[Sequence[str], int], np.ndarray]  # set k's torch text module on names in set k's template
+    image_embed: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # pixels -> (embeds [B,D], weights [B,S])
+
+
+def _build_modules(vocab_size: int, seed: int = 0):
     import torch
     from torch import nn
     from torch.nn import functional as F
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
 
     class TinyImageEncoder(nn.Module):
         def __init__(self) -> None:
@@ -88,32 +110,69 @@ def _build_modules(vocab_size: int):
     return TinyImageEncoder().eval(), TinyTextEncoder().eval()
 
 
-def _export(module, example, path: Path, input_name: str, output_name: str) -> None:
+def _build_expert_image_module():
+    """Image module of the multi-set bundle: (L2-normalised embeds [B,D], softmax expert weights [B,S])."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(1)
+    num_sets = len(MULTISET_TEMPLATES)
+
+    class TinyExpertImageEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+            self.fc = nn.Linear(8 * (IMAGE_SIZE // 4) ** 2, EMBED_DIM)
+            self.gate = nn.Linear(8 * (IMAGE_SIZE // 4) ** 2, num_sets)
+
+        def forward(self, pixel_values):
+            x = torch.relu(self.conv(pixel_values)).flatten(1)
+            # x4 so that the weights are far from uniform and differ between images.
+            return F.normalize(self.fc(x), dim=-1), torch.softmax(4.0 * self.gate(x), dim=-1)
+
+    return TinyExpertImageEncoder().eval()
+
+
+def _export(module, example, path: Path, input_name: str, output_name: str | Sequence[str]) -> None:
     import torch
 
+    output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     with torch.no_grad():
         torch.onnx.export(
-            module, (example,), str(path), input_names=[input_name], output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=17, dynamo=False,
+            module, (example,), str(path), input_names=[input_name], output_names=output_names,
+            dynamic_axes={input_name: {0: "batch"}, **{o: {0: "batch"} for o in output_names}}, opset_version=17,
+            dynamo=False,
         )
 
 
-def make_manifest(root: Path, class_names: Sequence[str]) -> dict[str, Any]:
-    """A format-1 manifest for the files in ``root`` (hashes computed from the files)."""
+def make_manifest(root: Path, class_names: Sequence[str], templates: Sequence[str] = (TEMPLATE,),
+                  prompt_set_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """A manifest for the files in ``root`` (hashes computed from the files): format 1 for one template,
+    format 2 (``prompt_sets``, ``expert_weights`` output) for several."""
     from serving.bundle import sha256_file
+
+    num_sets = len(templates)
 
     def spec(file: str, inp: str, dtype: str, shape: list, out: str) -> dict:
         return {"file": file, "sha256": sha256_file(root / file), "opset": 17, "exporter": "torchscript",
                 "inputs": [{"name": inp, "dtype": dtype, "shape": shape}],
                 "outputs": [{"name": out, "dtype": "float32", "shape": ["N", EMBED_DIM]}]}
 
+    image_spec = spec(IMAGE_GRAPH_FILE, IMAGE_INPUT, "float32", ["N", 3, IMAGE_SIZE, IMAGE_SIZE], IMAGE_OUTPUT)
+    extra: dict[str, Any] = {}
+    if num_sets > 1:
+        image_spec["outputs"].append({"name": EXPERT_WEIGHTS_OUTPUT, "dtype": "float32", "shape": ["N", num_sets]})
+        extra["prompt_sets"] = {"names": list(prompt_set_names or [f"set{k}" for k in range(num_sets)]),
+                                "combine": COMBINE_WEIGHTED_SUM}
     return {
         "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "min_reader_version": READER_VERSION,
+        "format_version": BUNDLE_FORMAT_VERSION if num_sets == 1 else MULTI_SET_FORMAT_VERSION,
+        "min_reader_version": 1 if num_sets == 1 else MULTI_SET_FORMAT_VERSION,
+        **extra,
         "created_by": {"promptclip": "test", "torch": "test"},
         "method": {"name": "synthetic", "config": {},
-                   "capabilities": {"text_depends_on_image": False, "num_prompt_sets": 1, "class_bound": False,
+                   "capabilities": {"text_depends_on_image": False, "num_prompt_sets": num_sets, "class_bound": False,
                                     "finetuned_image_tower": False}},
         "backbone": {"name": "tiny-synthetic", "pretrained": None, "weights_sha256": None},
         "embedding_dim": EMBED_DIM,
@@ -122,12 +181,13 @@ def make_manifest(root: Path, class_names: Sequence[str]) -> dict[str, Any]:
                           "interpolation": "bicubic", "mean": [0.48145466, 0.4578275, 0.40821073],
                           "std": [0.26862954, 0.26130258, 0.27577711], "fill_color": 0},
         "text": {"tokenizer": "clip-bpe", "vocab_file": VOCAB_FILE, "vocab_sha256": sha256_file(root / VOCAB_FILE),
-                 "context_length": CONTEXT_LENGTH, "templates": [TEMPLATE], "max_name_tokens": CONTEXT_LENGTH - 2},
+                 "context_length": CONTEXT_LENGTH, "templates": list(templates), "max_name_tokens": CONTEXT_LENGTH - 2},
         "classes": {"names": list(class_names), "file": CLASS_EMBEDDINGS_FILE,
                     "sha256": sha256_file(root / CLASS_EMBEDDINGS_FILE)},
         "graphs": {
-            "image": spec(IMAGE_GRAPH_FILE, IMAGE_INPUT, "float32", ["N", 3, IMAGE_SIZE, IMAGE_SIZE], IMAGE_OUTPUT),
-            "text": [spec(text_graph_file(0, 1), TEXT_INPUT, "int64", ["N", CONTEXT_LENGTH], TEXT_OUTPUT)],
+            "image": image_spec,
+            "text": [spec(text_graph_file(k, num_sets), TEXT_INPUT, "int64", ["N", CONTEXT_LENGTH], TEXT_OUTPUT)
+                     for k in range(num_sets)],
         },
         "engines": [],
         "parity": {},
@@ -164,6 +224,53 @@ def synthetic_bundle(tmp_path_factory) -> SyntheticBundle:
     save_file({"class_embeddings": np.ascontiguousarray(text_embed(CLASS_NAMES))}, str(root / CLASS_EMBEDDINGS_FILE))
     (root / MANIFEST_FILE).write_text(json.dumps(make_manifest(root, CLASS_NAMES), indent=1))
     return SyntheticBundle(root, list(CLASS_NAMES), TEMPLATE, text_embed, image_embed)
+
+
+@pytest.fixture(scope="session")
+def multiset_bundle(tmp_path_factory) -> MultiSetBundle:
+    """Build the three-prompt-set (format 2) bundle once per session."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from serving.tokenizer import ClipTokenizer, default_vocab_path
+
+    root = tmp_path_factory.mktemp("multiset") / "bundle"
+    root.mkdir()
+    shutil.copyfile(default_vocab_path(), root / VOCAB_FILE)
+    tokenizer = ClipTokenizer(root / VOCAB_FILE, context_length=CONTEXT_LENGTH)
+    num_sets = len(MULTISET_TEMPLATES)
+    image_module = _build_expert_image_module()
+    text_modules = [_build_modules(tokenizer.vocab_size, seed=10 + k)[1] for k in range(num_sets)]
+    _export(image_module, torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), root / IMAGE_GRAPH_FILE, IMAGE_INPUT,
+            [IMAGE_OUTPUT, EXPERT_WEIGHTS_OUTPUT])
+    for k, module in enumerate(text_modules):
+        _export(module, torch.from_numpy(tokenizer(["a", "b c"])), root / text_graph_file(k, num_sets), TEXT_INPUT,
+                TEXT_OUTPUT)
+
+    def text_embed(names: Sequence[str], prompt_set: int) -> np.ndarray:
+        ids = torch.from_numpy(tokenizer([MULTISET_TEMPLATES[prompt_set].format(n) for n in names]))
+        with torch.no_grad():
+            return text_modules[prompt_set](ids).numpy().astype(np.float32)
+
+    def image_embed(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            embeds, weights = image_module(torch.from_numpy(pixels))
+        return embeds.numpy().astype(np.float32), weights.numpy().astype(np.float32)
+
+    save_file({class_embeddings_key(k, num_sets): np.ascontiguousarray(text_embed(CLASS_NAMES, k))
+               for k in range(num_sets)}, str(root / CLASS_EMBEDDINGS_FILE))
+    manifest = make_manifest(root, CLASS_NAMES, MULTISET_TEMPLATES, MULTISET_NAMES)
+    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    return MultiSetBundle(root, list(CLASS_NAMES), list(MULTISET_TEMPLATES), list(MULTISET_NAMES), text_embed,
+                          image_embed)
+
+
+@pytest.fixture
+def multiset_copy(multiset_bundle, tmp_path) -> Path:
+    """A private copy of the multi-set bundle that a test may modify."""
+    dst = tmp_path / "multiset"
+    shutil.copytree(multiset_bundle.path, dst)
+    return dst
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 
 from serving.bundle import load_bundle
 from serving.classifier import Classifier
-from serving.errors import BundleError, ClassNameError, ImageDecodeError, RequestError, UnknownClassError
+from serving.errors import ClassNameError, ImageDecodeError, RequestError, UnknownClassError
 from serving.preprocess import preprocess
 
 
@@ -138,21 +138,3 @@ def test_info(clf):
     assert info["method"] == "synthetic" and info["num_classes"] == 6 and info["runtime"] == "ort"
     assert info["providers"] == ["CPUExecutionProvider"]
 
-
-def test_several_prompt_sets_are_refused_for_now(bundle_copy, edit_manifest):
-    import shutil
-
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copyfile(bundle_copy / "text_encoder.onnx", bundle_copy / "text_encoder_1.onnx")
-    emb = load_file(str(bundle_copy / "class_embeddings.safetensors"))["class_embeddings"]
-    save_file({"class_embeddings_0": emb, "class_embeddings_1": emb}, str(bundle_copy / "class_embeddings.safetensors"))
-
-    def edit(m):
-        m["method"]["capabilities"]["num_prompt_sets"] = 2
-        m["text"]["templates"] = ["a photo of a {}.", "a sketch of a {}."]
-        m["graphs"]["text"].append({**m["graphs"]["text"][0], "file": "text_encoder_1.onnx"})
-
-    edit_manifest(bundle_copy, edit)
-    with pytest.raises(BundleError, match="2 prompt sets"):
-        Classifier.from_bundle(bundle_copy, verify_hashes=False)

@@ -290,9 +290,36 @@ def test_healthz(client):
     body = resp.json()
     assert body["status"] == "ok" and body["method"] == "synthetic" and body["runtime"] == "ort"
     assert body["providers"] == ["CPUExecutionProvider"] and body["num_classes"] >= 6
+    assert body["num_prompt_sets"] == 1 and body["prompt_sets"] == ["default"]
     # BentoML's own liveness/readiness probes stay in place.
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+def test_multiset_bundle_is_served_like_any_other(multiset_bundle, image_bytes, tmp_path):
+    """A format-2 bundle (3 prompt sets) through HTTP: health, classify, add a class, classify again."""
+    from serving.classifier import Classifier
+
+    reference = Classifier.from_bundle(multiset_bundle.path, verify_hashes=False, warmup=False)
+    names = [*multiset_bundle.class_names, "zebra"]
+    expected = {r["name"]: r for r in reference.classify_bytes([image_bytes(4)], top_k=7, class_names=names)[0]}
+    env = {"PROMPTCLIP_BUNDLE": str(multiset_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path / "state"),
+           "PROMPTCLIP_API_TOKEN": TOKEN}
+    with running(env) as c:
+        health = c.post("/healthz").json()
+        assert health["num_prompt_sets"] == 3 and health["prompt_sets"] == ["photo", "sketch", "art"]
+        before = c.post("/classify", files={"image": _png(image_bytes, 4)}, data={"top_k": "6"})
+        assert before.status_code == 200, before.text
+        assert {p["name"] for p in before.json()["predictions"]} == set(multiset_bundle.class_names)
+        added = c.post("/add_classes", json={"names": ["zebra"]}, headers=AUTH)
+        assert added.status_code == 200 and added.json()["added"] == ["zebra"], added.text
+        after = c.post("/classify", files={"image": _png(image_bytes, 4)}, data={"top_k": "7"})
+        assert after.status_code == 200, after.text
+        preds = after.json()["predictions"]
+    assert [p["name"] for p in preds] == sorted(names, key=lambda n: -expected[n]["logit"])
+    for p in preds:
+        assert p["logit"] == pytest.approx(expected[p["name"]]["logit"], abs=1e-4)
+        assert p["score"] == pytest.approx(expected[p["name"]]["score"], abs=1e-6)
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -318,7 +345,8 @@ def test_open_service_and_state_errors(synthetic_bundle, tmp_path):
         assert str(tmp_path / "classes.json") in body["message"]
 
 
-def test_service_import_and_classification_are_torch_free(synthetic_bundle, image_bytes, tmp_path):
+def test_service_import_and_classification_are_torch_free(synthetic_bundle, multiset_bundle, image_bytes,
+                                                          tmp_path):
     img = tmp_path / "img.png"
     img.write_bytes(image_bytes(0))
     script = textwrap.dedent(f"""
@@ -331,6 +359,9 @@ def test_service_import_and_classification_are_torch_free(synthetic_bundle, imag
         clf.add_classes(["zebra"])
         rows = clf.classify_bytes([open({str(img)!r}, "rb").read()], top_k=3)
         assert len(rows[0]) == 3
+        multi = Classifier.from_bundle({str(multiset_bundle.path)!r})
+        multi.add_classes(["zebra"])
+        assert len(multi.classify_bytes([open({str(img)!r}, "rb").read()], top_k=7)[0]) == 7
         heavy = [m for m in ("torch", "torchvision", "open_clip") if m in sys.modules]
         assert not heavy, f"imported while serving: {{heavy}}"
         print("torch-free ok")
