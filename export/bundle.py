@@ -71,9 +71,10 @@ def export_bundle(
         raise ExportError(f"method {method.name!r} makes text depend on the image: class embeddings cannot be "
                           f"precomputed, and this exporter does not build image-conditioned text graphs"
                           + (f" ({hint})" if hint else ""))
-    if caps.num_prompt_sets != 1:
-        raise ExportError(f"method {method.name!r} has {caps.num_prompt_sets} prompt sets; multi-set export is not "
-                          f"supported by bundle format {fmt.BUNDLE_FORMAT_VERSION}")
+    num_sets = caps.num_prompt_sets
+    if num_sets > 1 and getattr(method.config, "weighting", "per_sample") != "per_sample":
+        log.warning("%s was configured with %s expert weights; the bundle computes them per image (a prediction "
+                    "must not depend on the other images of a request)", method.name, method.config.weighting)
     names = normalize_class_names(class_names if class_names is not None else art.classnames)
     template = method.prompt_template(art.dataset_template)
     ctx_len = backbone.context_length
@@ -94,31 +95,44 @@ def export_bundle(
             probe = names + ["a completely new class", "zebra crossing sign"]
             return torch.from_numpy(tokenizer([template.format(probe[i % len(probe)]) for i in range(b)]))
 
-        image_entry = export_checked(ImageGraph(method), tmp / fmt.IMAGE_GRAPH_FILE, image_input,
-                                     input_name=fmt.IMAGE_INPUT, output_name=fmt.IMAGE_OUTPUT, exporter=exporter,
-                                     opset=opset)
-        text_file = fmt.text_graph_file(0, 1)
-        text_graph = TextGraph(method, 0)
-        text_entry = export_checked(text_graph, tmp / text_file, text_input, input_name=fmt.TEXT_INPUT,
-                                    output_name=fmt.TEXT_OUTPUT, exporter=exporter, opset=opset)
-        with torch.no_grad():
-            emb = torch.cat([text_graph(token_ids[i:i + 256]) for i in range(0, len(names), 256)]).float().numpy()
-        class_parity = _class_embedding_parity(tmp / text_file, token_ids.numpy(), emb)
+        image_graph = ImageGraph(method)
+        image_entry = export_checked(image_graph, tmp / fmt.IMAGE_GRAPH_FILE, image_input,
+                                     input_name=fmt.IMAGE_INPUT, output_name=image_graph.output_names,
+                                     exporter=exporter, opset=opset)
+        text_entries, embeddings, class_parity = [], [], []
+        for k in range(num_sets):
+            text_file = fmt.text_graph_file(k, num_sets)
+            text_graph = TextGraph(method, k)
+            entry = export_checked(text_graph, tmp / text_file, text_input, input_name=fmt.TEXT_INPUT,
+                                   output_name=fmt.TEXT_OUTPUT, exporter=exporter, opset=opset)
+            entry["file"] = text_file
+            with torch.no_grad():
+                emb = torch.cat([text_graph(token_ids[i:i + 256]) for i in range(0, len(names), 256)]).float().numpy()
+            class_parity.append(_class_embedding_parity(tmp / text_file, token_ids.numpy(), emb))
+            text_entries.append(entry)
+            embeddings.append(np.ascontiguousarray(emb, dtype=np.float32))  # [C, D]
         from safetensors.numpy import save_file
 
-        save_file({fmt.class_embeddings_key(0, 1): np.ascontiguousarray(emb, dtype=np.float32)},
+        save_file({fmt.class_embeddings_key(k, num_sets): e for k, e in enumerate(embeddings)},
                   str(tmp / fmt.CLASS_EMBEDDINGS_FILE))
         shutil.copyfile(vocab, tmp / fmt.VOCAB_FILE)
+        logits_parity = _logits_parity(method, tmp, image_graph, image_input, token_ids, embeddings,
+                                       torch.from_numpy(tokenizer([template.format(n) for n in PROBE_CLASSES])))
 
-        for entry, fname in ((image_entry, fmt.IMAGE_GRAPH_FILE), (text_entry, text_file)):
-            entry["file"] = fname
-            entry["sha256"] = sha256_file(tmp / fname)
-        parity = {"image": image_entry.pop("parity"), "text": text_entry.pop("parity"), "class_embeddings": class_parity}
+        image_entry["file"] = fmt.IMAGE_GRAPH_FILE
+        image_entry["sha256"] = sha256_file(tmp / fmt.IMAGE_GRAPH_FILE)
+        for entry in text_entries:
+            entry["sha256"] = sha256_file(tmp / entry["file"])
+        parity = {"image": image_entry.pop("parity"),
+                  "text": [e.pop("parity") for e in text_entries] if num_sets > 1 else text_entries[0].pop("parity"),
+                  "class_embeddings": class_parity if num_sets > 1 else class_parity[0],
+                  "logits": logits_parity}
+        emb = embeddings[0]
         empty_tokens = len(tokenizer.encode(template.format("")))
         manifest: dict[str, Any] = {
             "format": fmt.BUNDLE_FORMAT,
-            "format_version": fmt.BUNDLE_FORMAT_VERSION,
-            "min_reader_version": 1,
+            "format_version": fmt.BUNDLE_FORMAT_VERSION if num_sets == 1 else fmt.MULTI_SET_FORMAT_VERSION,
+            "min_reader_version": 1 if num_sets == 1 else fmt.MULTI_SET_FORMAT_VERSION,
             "created_by": {**versions(), "onnx_exporter": exporter},
             "method": {"name": method.name, "config": method.config.to_dict(), "capabilities": dict(caps.__dict__)},
             "backbone": {"name": backbone.name, "pretrained": backbone.pretrained,
@@ -127,16 +141,18 @@ def export_bundle(
             "logit_scale": float(method.logit_scale),
             "preprocessing": dict(backbone.preprocess),
             "text": {"tokenizer": "clip-bpe", "vocab_file": fmt.VOCAB_FILE, "vocab_sha256": sha256_file(tmp / fmt.VOCAB_FILE),
-                     "context_length": ctx_len, "templates": [template],
+                     "context_length": ctx_len, "templates": [template] * num_sets,
                      "max_name_tokens": ctx_len - 2 - empty_tokens},
             "classes": {"names": names, "file": fmt.CLASS_EMBEDDINGS_FILE,
                         "sha256": sha256_file(tmp / fmt.CLASS_EMBEDDINGS_FILE)},
-            "graphs": {"image": image_entry, "text": [text_entry]},
+            "graphs": {"image": image_entry, "text": text_entries},
             "engines": [],
             "parity": parity,
             "trained_on": None,
         }
         manifest.pop("trained_on")
+        if num_sets > 1:
+            manifest["prompt_sets"] = {"names": method.prompt_set_names(), "combine": fmt.COMBINE_WEIGHTED_SUM}
         (tmp / fmt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         load_bundle(tmp)  # the reader must accept what we wrote (format, hashes, shapes)
         if out.exists():
@@ -145,9 +161,45 @@ def export_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("bundle written to %s (%d classes, image parity max abs %.1e, text %.1e)", out, len(names),
-             parity["image"]["max_abs"], parity["text"]["max_abs"])
+    log.info("bundle written to %s (%d classes, %d prompt set(s); image parity max abs %.1e, logits min cosine "
+             "%.7f)", out, len(names), num_sets, parity["image"]["max_abs"], parity["logits"]["min_cosine"])
     return out
+
+
+#: Class names that are not in any bundle: the logits parity check scores them as runtime-added classes.
+PROBE_CLASSES = ("a completely new class", "zebra crossing sign")
+
+
+def _logits_parity(method: Any, bundle_dir: Path, image_graph: ImageGraph, image_input, token_ids: torch.Tensor,
+                   embeddings: list[np.ndarray], probe_ids: torch.Tensor) -> dict[str, Any]:
+    """End-to-end check: logits computed the way serving does (ONNX image graph + precomputed class embeddings +
+    the ONNX text graphs for classes added at runtime, combined per ``serving.format``) against the torch method's
+    logits for the same images and classes. Fails past cosine 0.9999 per image row."""
+    from export.onnx_export import ort_session
+
+    images = image_input(3)  # [3, 3, H, W]
+    sess = ort_session(bundle_dir / fmt.IMAGE_GRAPH_FILE)
+    outs = sess.run(None, {fmt.IMAGE_INPUT: images.numpy()})
+    f = outs[0]  # [B, D]
+    weights = outs[1] if len(outs) > 1 else np.ones((f.shape[0], 1), np.float32)  # [B, S]
+    per_set = []
+    for k, emb in enumerate(embeddings):
+        text_sess = ort_session(bundle_dir / fmt.text_graph_file(k, len(embeddings)))
+        extra = text_sess.run(None, {fmt.TEXT_INPUT: probe_ids.numpy()})[0]  # [P, D]: runtime-added classes
+        per_set.append(f @ np.concatenate([emb, extra]).T)  # [B, C + P]
+    got = float(method.logit_scale) * np.einsum("bsc,bs->bc", np.stack(per_set, 1), weights)
+    with torch.no_grad():
+        feats = method.encode_image(images)
+        all_ids = torch.cat([token_ids, probe_ids])
+        texts = [method.encode_text(all_ids, k) for k in range(len(embeddings))]
+        ref = method.combined_logits(feats, texts, method.expert_weights(feats, per_sample=True)).float().numpy()
+    cos = float(np.min(np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)))
+    max_abs = float(np.abs(got - ref).max())
+    if cos < MIN_COSINE:
+        raise ExportError(f"logits from the exported graphs differ from torch (min cosine {cos:.6f} < {MIN_COSINE}, "
+                          f"max abs {max_abs:.2e}); try the other --exporter")
+    return {"max_abs": max_abs, "min_cosine": cos, "num_images": int(f.shape[0]),
+            "num_classes": int(token_ids.shape[0]), "runtime_classes": len(PROBE_CLASSES)}
 
 
 def _class_embedding_parity(text_graph: Path, token_ids: np.ndarray, torch_emb: np.ndarray) -> dict[str, float]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from serving.format import IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
+from serving.format import EXPERT_WEIGHTS_OUTPUT, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
 from training.errors import ExportError
 from training.methods import PromptMethod
 
@@ -30,14 +30,23 @@ MIN_COSINE = 0.9999
 
 
 class ImageGraph(nn.Module):
-    """pixel_values [B, 3, H, W] -> L2-normalised image embeddings [B, D], prompts baked in."""
+    """pixel_values [B, 3, H, W] -> L2-normalised image embeddings [B, D], prompts baked in; methods with several
+    prompt sets also output the per-image weights of the sets [B, S] (always per image, never batch-averaged)."""
 
     def __init__(self, method: PromptMethod) -> None:
         super().__init__()
         self.method = method
+        self.with_weights = method.capabilities.num_prompt_sets > 1
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.method.encode_image(pixel_values)
+    @property
+    def output_names(self) -> list[str]:
+        return [IMAGE_OUTPUT, EXPERT_WEIGHTS_OUTPUT] if self.with_weights else [IMAGE_OUTPUT]
+
+    def forward(self, pixel_values: torch.Tensor):
+        embeds = self.method.encode_image(pixel_values)  # [B, D]
+        if not self.with_weights:
+            return embeds
+        return embeds, self.method.expert_weights(embeds, per_sample=True)  # [B, D], [B, S]
 
 
 class TextGraph(nn.Module):
@@ -69,9 +78,10 @@ class ParityReport:
                 "tolerance": {"max_abs": MAX_ABS_TOL, "min_cosine": MIN_COSINE}, "per_batch": self.per_batch}
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str, output_name: str,
-                exporter: str = "dynamo", opset: int = DEFAULT_OPSET) -> None:
-    """Export ``module`` (one input, one output) with a dynamic batch axis; ``example`` must have batch >= 2.
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, *, input_name: str,
+                output_name: str | list[str], exporter: str = "dynamo", opset: int = DEFAULT_OPSET) -> None:
+    """Export ``module`` (one input; one output, or several named in a list) with a dynamic batch axis on the
+    input and every output; ``example`` must have batch >= 2.
 
     The dynamo exporter fixes the batch to 1 when the example has batch 1 (a known pitfall), hence the check.
     """
@@ -90,21 +100,22 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, *, input_n
     _inline_external_data(path)
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str, exporter: str,
-            opset: int) -> None:
+def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str | list[str],
+            exporter: str, opset: int) -> None:
+    output_names = [output_name] if isinstance(output_name, str) else list(output_name)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
             onnx_program = torch.onnx.export(
-                module, (example,), input_names=[input_name], output_names=[output_name],
+                module, (example,), input_names=[input_name], output_names=output_names,
                 dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, verbose=False,
             )
             onnx_program.save(str(path))
         else:
             torch.onnx.export(
-                module, (example,), str(path), input_names=[input_name], output_names=[output_name],
-                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset,
+                module, (example,), str(path), input_names=[input_name], output_names=output_names,
+                dynamic_axes={input_name: {0: "batch"}, **{n: {0: "batch"} for n in output_names}}, opset_version=opset,
                 dynamo=False,
             )
 
@@ -155,26 +166,33 @@ def ort_session(path: Path):
 
 def measure_parity(module: nn.Module, path: Path, make_input: Callable[[int], torch.Tensor], *, input_name: str,
                    batches: tuple[int, ...] = (1, 3)) -> ParityReport:
-    """Compare onnxruntime (CPU) with torch eager on fresh inputs at each batch size."""
+    """Compare onnxruntime (CPU) with torch eager on fresh inputs at each batch size (every output; the cosine is
+    taken per row of each output)."""
     sess = ort_session(path)
     max_abs, min_cos, per = 0.0, 1.0, []
     for b in batches:
         x = make_input(b)
         with torch.no_grad():
-            ref = module(x).float().cpu().numpy()
-        got = sess.run(None, {input_name: x.cpu().numpy()})[0]
-        if got.shape != ref.shape:
-            raise ExportError(f"{path.name}: ORT output shape {got.shape} != torch {ref.shape} at batch {b} "
-                              f"(dynamic batch not honoured)")
-        diff = float(np.abs(got - ref).max())
-        cos = float((np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)).min())
-        per.append({"batch": b, "max_abs": diff, "min_cosine": cos})
-        max_abs, min_cos = max(max_abs, diff), min(min_cos, cos)
+            refs = module(x)
+        refs = [refs] if torch.is_tensor(refs) else list(refs)
+        gots = sess.run(None, {input_name: x.cpu().numpy()})
+        if len(gots) != len(refs):
+            raise ExportError(f"{path.name}: ORT gives {len(gots)} outputs, torch {len(refs)}")
+        for ref_t, got in zip(refs, gots):
+            ref = ref_t.float().cpu().numpy()
+            if got.shape != ref.shape:
+                raise ExportError(f"{path.name}: ORT output shape {got.shape} != torch {ref.shape} at batch {b} "
+                                  f"(dynamic batch not honoured)")
+            diff = float(np.abs(got - ref).max())
+            cos = float((np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1)
+                                                  + 1e-12)).min())
+            per.append({"batch": b, "max_abs": diff, "min_cosine": cos})
+            max_abs, min_cos = max(max_abs, diff), min(min_cos, cos)
     return ParityReport(batches=list(batches), max_abs=max_abs, min_cosine=min_cos, per_batch=per)
 
 
 def export_checked(module: nn.Module, path: Path, make_input: Callable[[int], torch.Tensor], *, input_name: str,
-                   output_name: str, exporter: str, opset: int) -> dict[str, Any]:
+                   output_name: str | list[str], exporter: str, opset: int) -> dict[str, Any]:
     """Export + check + parity; raises :class:`ExportError` past tolerance. Returns the manifest graph entry."""
     export_onnx(module, make_input(2), path, input_name=input_name, output_name=output_name, exporter=exporter,
                 opset=opset)
@@ -190,5 +208,5 @@ def export_checked(module: nn.Module, path: Path, make_input: Callable[[int], to
     return {**info, "exporter": exporter, "parity": parity.to_dict()}
 
 
-__all__ = ["EXPORTERS", "ImageGraph", "TextGraph", "ParityReport", "export_checked", "export_onnx", "check_onnx",
+__all__ = ["EXPORTERS", "EXPERT_WEIGHTS_OUTPUT", "ImageGraph", "TextGraph", "ParityReport", "export_checked", "export_onnx", "check_onnx",
            "measure_parity", "IMAGE_INPUT", "IMAGE_OUTPUT", "TEXT_INPUT", "TEXT_OUTPUT"]

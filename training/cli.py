@@ -203,21 +203,34 @@ def cmd_toyworld_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_specs(text: str) -> tuple[str, ...]:
+    """Split on commas outside [...] (variants: disa[use_cir=false,use_dir=false])."""
+    import re
+
+    return tuple(m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if m.strip())
+
+
 def cmd_bench_toyworld(args: argparse.Namespace) -> int:
     from training.toyworld.bench import BenchConfig, run_bench
 
     values: dict[str, Any] = {"shots": args.shots, "steps": args.steps, "backbone": args.backbone,
                               "pretrained": args.pretrained}
     if args.methods:
-        import re
-
         from training.methods import get_method_class
         from training.toyworld.bench import parse_method_spec
 
-        # split on commas outside [...] (variants: disa[use_cir=false,use_dir=false])
-        values["methods"] = tuple(m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods) if m.strip())
+        values["methods"] = _method_specs(args.methods)
         for m in values["methods"]:
             get_method_class(parse_method_spec(m)[0])  # unknown name -> clear error before any work
+    if args.loso_methods:
+        from training.methods import get_method_class
+        from training.toyworld.bench import parse_method_spec
+
+        values["loso_methods"] = _method_specs(args.loso_methods)
+        for m in values["loso_methods"]:
+            get_method_class(parse_method_spec(m)[0])
+    if args.loso_targets:
+        values["loso_targets"] = tuple(s.strip() for s in args.loso_targets.split(",") if s.strip())
     if args.seeds:
         values["seeds"] = _int_list(args.seeds)
     if args.styles:
@@ -226,9 +239,11 @@ def cmd_bench_toyworld(args: argparse.Namespace) -> int:
         values["num_classes"] = args.num_classes
     if args.protocols:
         values["protocols"] = tuple(x.strip() for x in args.protocols.split(",") if x.strip())
-        bad = set(values["protocols"]) - {"base2novel", "cross_style", "dg"}
+        from training.toyworld.bench import PROTOCOLS
+
+        bad = set(values["protocols"]) - set(PROTOCOLS)
         if bad:
-            raise PromptclipError(f"unknown protocol(s) {sorted(bad)}; choose from base2novel, cross_style, dg")
+            raise PromptclipError(f"unknown protocol(s) {sorted(bad)}; choose from {', '.join(PROTOCOLS)}")
     cfg = BenchConfig(**{k: v for k, v in values.items() if v is not None})
     summary = run_bench(cfg, args.out, progress=args.progress)
     print((Path(args.out) / "results.md").read_text())
@@ -398,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="optimisation steps per training run")
     t.add_argument("--styles", help="comma-separated subset of clean,sketch,noisy,lowres,palette")
     t.add_argument("--num-classes", type=int, help="classes per style")
-    t.add_argument("--protocols", help="comma-separated subset of base2novel,cross_style,dg (default: all)")
+    t.add_argument("--protocols", help="comma-separated subset of base2novel,cross_style,dg,loso (default: all)")
+    t.add_argument("--loso-methods", help="methods of the leave-one-style-out protocol (default: zeroshot, "
+                                          "ERM fine-tuning 'guidg[use_experts=false,loss=erm]', guidg)")
+    t.add_argument("--loso-targets", help="comma-separated target styles of loso (default: every style)")
     t.add_argument("--backbone", default=None)
     t.add_argument("--pretrained", default=None)
     t.add_argument("--out", default="bench_toyworld")

@@ -172,10 +172,10 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
 
 def save_checkpoint(out_dir: Path, method: PromptMethod, opt: torch.optim.Optimizer, *, epoch: int, step: int,
                     history: list[dict[str, float]]) -> None:
-    """Atomically write the resume checkpoint (trainable tensors + optimizer state + counters)."""
+    """Atomically write the resume checkpoint (the tensors this stage trains + optimizer state + counters)."""
     from safetensors.torch import save_file
 
-    tensors = {f"param.{k}": v for k, v in method.trainable_state_dict().items()}
+    tensors = {f"param.{k}": p.detach().to("cpu").contiguous().clone() for k, p in method.trainable_parameters().items()}
     tensors.update(_optimizer_tensors(opt))
     tmp = out_dir / (CHECKPOINT_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp))
@@ -197,7 +197,14 @@ def load_checkpoint(out_dir: Path, method: PromptMethod, opt: torch.optim.Optimi
         raise ConfigError(f"{out_dir} holds a checkpoint of method {state.get('method')!r}, not {method.name!r}; "
                           f"use another --out directory")
     tensors = load_file(str(wpath))
-    method.load_trainable_state_dict({k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")})
+    saved = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+    own = method.trainable_parameters()
+    if set(saved) != set(own) or any(tuple(saved[n].shape) != tuple(p.shape) for n, p in own.items()):
+        raise ConfigError(f"{out_dir} holds a checkpoint of other tensors than this run trains (another method "
+                          f"config or stage); use another --out directory or delete {out_dir}")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
     _load_optimizer_tensors(opt, tensors)
     return state
 
@@ -327,7 +334,9 @@ def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Te
     dev = resolve_device(device)
     method.to(dev).eval()
     image_conditioned = method.capabilities.text_depends_on_image
-    text = None if image_conditioned else encode_classes(method, class_token_ids)  # [C, D], once
+    num_sets = method.capabilities.num_prompt_sets
+    texts = None if image_conditioned else [encode_classes(method, class_token_ids, prompt_set=s)
+                                            for s in range(num_sets)]  # S x [C, D], once
     correct, total = 0, 0
     for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
         images = images.to(dev)
@@ -336,7 +345,7 @@ def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Te
             per_image = method.encode_text_for_images(class_token_ids.to(dev), images).float()  # [B, C, D]
             logits = method.logit_scale * torch.einsum("bd,bcd->bc", feats, per_image)
         else:
-            logits = method.logits(feats, text)
+            logits = method.combined_logits(feats, texts, method.expert_weights(feats))  # [B, C]
         pred = logits.argmax(-1).cpu()
         correct += int((pred == labels).sum())
         total += int(labels.numel())

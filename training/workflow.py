@@ -6,7 +6,9 @@ One function per user action: :func:`train_run` (data folder -> prompt artifact 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,11 +17,12 @@ import torch
 
 from training.artifact import PromptArtifact, load_prompt_artifact, save_prompt_artifact
 from training.backbone import Backbone, create_backbone
-from training.data import (DatasetSplits, ImageListDataset, Sample, make_loader, read_image_folder,
-                           sample_few_shot, subsample_classes)
+from training.data import (DatasetSplits, ImageListDataset, Sample, holdout_split, make_domain_balanced_loader,
+                           make_loader, read_image_folder, sample_few_shot, subsample_classes)
 from training.engine import TrainConfig, evaluate, resolve_device, train
 from training.errors import DatasetError
-from training.methods import PromptMethod, TrainContext, create_method
+from training.methods import (MethodConfig, PromptMethod, TrainContext, TrainStage, create_method,
+                              get_method_class)
 
 log = logging.getLogger(__name__)
 
@@ -103,59 +106,139 @@ def train_run(
     few-shot sampled *before* class subsampling, as the field does) and, with ``evaluate_splits``, reports accuracy
     on the base and the new halves of the test split; ``"all"`` trains on every class. ``template`` defaults to the
     dataset's hand-crafted template. ``few_shot_cache`` keeps the seeded few-shot selection in a JSON file.
+
+    Samples that carry domains (``Sample.domain``, e.g. from ``read_domain_dataset``) are few-shot sampled per
+    domain and class. The method's :meth:`~training.methods.PromptMethod.training_stages` run in order through
+    the shared loop (GuiDG: one expert per domain, then fine-tuning); a finished stage is not rerun when the same
+    ``out_dir`` is used again.
     """
     cfg = train_config or TrainConfig()
     out_dir = Path(out_dir)
     splits_all = data_root if isinstance(data_root, DatasetSplits) else read_image_folder(data_root)
     template = template or splits_all.template
-    if few_shot_cache is not None:
-        from training.data import few_shot_cached
-
-        shot_pool = few_shot_cached(splits_all, shots, cfg.seed, few_shot_cache)
-    else:
-        shot_pool = sample_few_shot(splits_all.train, shots, cfg.seed)
-    splits = subsample_classes(dataclasses.replace(splits_all, train=list(shot_pool)), subsample)
-    train_samples = splits.train
+    domains = sorted({s.domain for s in splits_all.train})
+    classnames = subsample_classes(dataclasses.replace(splits_all, train=[]), subsample).classnames
     backbone = create_backbone(backbone_name, pretrained)
+    method_config = get_method_class(method_name).config_for_data(
+        method_config.to_dict() if isinstance(method_config, MethodConfig) else method_config, classnames,
+        [d or "" for d in domains])
     method = create_method(method_name, backbone, method_config)
-    class_ids = tokenize_prompts(method, backbone, splits.classnames, template)
+    class_ids = tokenize_prompts(method, backbone, classnames, template)
     metrics: dict[str, Any] = {"weights": backbone.describe_weights()}
+    all_stage = TrainStage("all")
+    train_samples = _stage_samples(all_stage, splits_all, shots, cfg.seed, subsample, few_shot_cache)
     if method.capabilities.trainable:
-        if len(train_samples) < cfg.batch_size:
-            log.warning("only %d training images for batch_size=%d: batches will be smaller", len(train_samples),
-                        cfg.batch_size)
-        tf = train_transform(backbone, cfg.augment)
         device = resolve_device(cfg.device)
         method.to(device)
         ctx = TrainContext(
-            classnames=splits.classnames, dataset_template=template, class_token_ids=class_ids,
+            classnames=classnames, dataset_template=template, class_token_ids=class_ids,
             image_loader=_loader(train_samples, eval_transform(backbone), cfg.batch_size, shuffle=False, seed=0,
                                  num_workers=cfg.num_workers, cache=True),
             tokenize=backbone.tokenizer(), device=device, out_dir=out_dir)
         method.prepare_training(ctx)
-
-        def loader_factory(epoch: int):
-            return _loader(train_samples, tf, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
-                           num_workers=cfg.num_workers, cache=True)
-
-        result = train(method, loader_factory, class_ids, cfg, out_dir=out_dir / "checkpoint",
-                       callbacks=method.training_callbacks(), progress=progress)
+        stages = method.training_stages()
+        stage_metrics = []
+        for stage in stages:
+            samples = train_samples if stage == all_stage or (stage.domains is None and stage.part == "all") else \
+                _stage_samples(stage, splits_all, shots, cfg.seed, subsample, few_shot_cache)
+            result = _run_stage(method, stage, ctx, samples, backbone, class_ids, cfg, out_dir, progress,
+                                name=stage.name if len(stages) > 1 else None)
+            stage_metrics.append({"stage": stage.name, "num_images": len(samples), **result})
         diagnostics = method.write_diagnostics(ctx)
         if diagnostics:
             metrics["diagnostics"] = [str(p) for p in diagnostics]
-        metrics.update({"train_steps": result.steps, "train_seconds": round(result.seconds, 2),
-                        "train_images_per_second": round(result.images_per_second, 1),
-                        "final_loss": result.final_loss, "train_accuracy": result.train_accuracy})
+        last = stage_metrics[-1]
+        metrics.update({k: last[k] for k in ("train_steps", "train_seconds", "train_images_per_second", "final_loss",
+                                             "train_accuracy") if k in last})
+        if len(stages) > 1:
+            metrics["stages"] = stage_metrics
     if evaluate_splits:
         metrics.update(_evaluate_halves(method, backbone, splits_all, subsample, template, cfg.batch_size, cfg.device))
     dataset_id = splits_all.name if isinstance(data_root, DatasetSplits) else str(Path(data_root).resolve())
-    trained_on = {"dataset": dataset_id, "classnames": splits.classnames, "shots": shots,
-                  "seed": cfg.seed, "subsample": subsample, "num_images": len(train_samples)}
+    trained_on = {"dataset": dataset_id, "classnames": classnames, "shots": shots,
+                  "seed": cfg.seed, "subsample": subsample, "num_images": len(train_samples),
+                  "domains": [d for d in domains if d]}
     save_prompt_artifact(out_dir / "artifact", method, backbone, dataset_template=template, trained_on=trained_on,
                          metrics=metrics, training_config={"method": method.config.to_dict(), "train": cfg.to_dict(),
                                                            "backbone": backbone_name, "pretrained": backbone.pretrained},
                          overwrite=overwrite)
     return TrainRunResult(artifact=out_dir / "artifact", metrics=metrics)
+
+
+def _stage_samples(stage: TrainStage, splits: DatasetSplits, shots: int, seed: int, subsample: str,
+                   few_shot_cache: str | Path | None) -> list[Sample]:
+    """The training samples of ``stage``: its domains, its part of each domain's pool (split before few-shot
+    sampling, the same split for every stage of a run), ``shots`` per class and domain, then the class subsample."""
+    pool = splits.train
+    domains = sorted({s.domain for s in pool})
+    if stage.domains is None and stage.part == "all" and len(domains) <= 1 and few_shot_cache is not None:
+        from training.data import few_shot_cached
+
+        picked = list(few_shot_cached(splits, shots, seed, few_shot_cache))
+    else:
+        wanted = domains if stage.domains is None else [d for d in domains if (d or "all") in stage.domains]
+        if stage.domains is not None and len(wanted) != len(stage.domains):
+            raise DatasetError(f"stage {stage.name!r} trains on domain(s) {list(stage.domains)} but the training data "
+                               f"has {[d or 'all' for d in domains]}")
+        picked = []
+        for d in wanted:
+            items = [s for s in pool if s.domain == d]
+            if stage.part != "all":
+                split = holdout_split(items, stage.part_fraction, seed)
+                items = split.in_split if stage.part == "first" else split.out_split
+            picked += sample_few_shot(items, shots, seed, classnames=splits.classnames)
+    out = subsample_classes(dataclasses.replace(splits, train=picked), subsample).train
+    if not out:
+        raise DatasetError(f"stage {stage.name!r} has no training images ({splits.name or 'dataset'}, "
+                           f"subsample {subsample!r}); check the data folder")
+    return out
+
+
+def _run_stage(method: PromptMethod, stage: TrainStage, ctx: TrainContext, samples: list[Sample], backbone: Backbone,
+               class_ids: torch.Tensor, cfg: TrainConfig, out_dir: Path, progress: bool,
+               name: str | None) -> dict[str, Any]:
+    """Train one stage through the shared loop; a finished stage (its ``done`` file exists) is loaded, not rerun."""
+    from safetensors.torch import load_file, save_file
+
+    stage_cfg = dataclasses.replace(cfg, **dict(stage.overrides)) if stage.overrides else cfg
+    ckpt = out_dir / "checkpoint" / name if name else out_dir / "checkpoint"
+    done = ckpt / "stage_done.safetensors"
+    method.enter_stage(stage, ctx)
+    if done.is_file():  # resumed run: this stage's final (post-averaging) tensors
+        saved = load_file(str(done))
+        with torch.no_grad():
+            for n, p in method.trainable_parameters().items():
+                p.copy_(saved[n].to(p.device, p.dtype))
+        method.end_stage(stage, ctx)
+        log.info("stage %s already finished in %s; loaded its result", stage.name, ckpt)
+        return json.loads((ckpt / "stage_done.json").read_text())
+    if len(samples) < stage_cfg.batch_size:
+        log.warning("only %d training images for batch_size=%d: batches will be smaller", len(samples),
+                    stage_cfg.batch_size)
+    tf = train_transform(backbone, stage_cfg.augment)
+    if stage.balanced_domains:
+        def loader_factory(epoch: int):
+            ds = ImageListDataset(samples, tf, cache_decoded=True)
+            return make_domain_balanced_loader(ds, batch_size=stage_cfg.batch_size, seed=stage_cfg.seed + epoch,
+                                               num_workers=stage_cfg.num_workers)
+    else:
+        def loader_factory(epoch: int):
+            return _loader(samples, tf, stage_cfg.batch_size, shuffle=True, seed=stage_cfg.seed + epoch,
+                           num_workers=stage_cfg.num_workers, cache=True)
+    if name:
+        log.info("stage %s: %d images, %s", stage.name, len(samples),
+                 ", ".join(f"{k}={v}" for k, v in stage.overrides.items()) or "run settings")
+    result = train(method, loader_factory, class_ids, stage_cfg, out_dir=ckpt, callbacks=method.training_callbacks(),
+                   progress=progress)
+    method.end_stage(stage, ctx)
+    summary = {"train_steps": result.steps, "train_seconds": round(result.seconds, 2),
+               "train_images_per_second": round(result.images_per_second, 1), "final_loss": result.final_loss,
+               "train_accuracy": result.train_accuracy}
+    save_file({n: p.detach().cpu().contiguous() for n, p in method.trainable_parameters().items()},
+              str(done.with_suffix(".tmp")))
+    (ckpt / "stage_done.json").write_text(json.dumps(summary))
+    os.replace(done.with_suffix(".tmp"), done)
+    return summary
 
 
 def _evaluate_halves(method: PromptMethod, backbone: Backbone, splits: DatasetSplits, subsample: str, template: str,

@@ -7,13 +7,15 @@ import torch
 from promptclip_testing import TINY, tiny_method_config
 from training.backbone import create_backbone
 from training.errors import ConfigError, RegistryError
-from training.methods import Capabilities, TrainBatch, create_method, list_methods
+from training.methods import Capabilities, TrainBatch, TrainContext, create_method, get_method_class, list_methods
 
 METHODS = list_methods()
+CLASSES = ["red circle", "blue square"]
 
 
 def build(name: str, **overrides):
-    cfg = {**tiny_method_config(name), **overrides}
+    """A tiny method configured for two training classes from two source domains (GuiDG needs both)."""
+    cfg = get_method_class(name).config_for_data({**tiny_method_config(name), **overrides}, CLASSES, ["a", "b"])
     return create_method(name, create_backbone(TINY), cfg)
 
 
@@ -55,31 +57,46 @@ def test_shapes_norms_and_determinism(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_only_method_tensors_train(name):
+    """In every training stage, the loss reaches all of that stage's trainable tensors and none of the frozen CLIP."""
     m = build(name)
-    trainable = m.trainable_parameters()
     frozen_grad = [n for n, p in m.clip.named_parameters() if p.requires_grad]
     assert frozen_grad == []
     if not m.capabilities.trainable:
-        assert trainable == {}
+        assert m.trainable_parameters() == {}
         return
-    assert trainable
-    with torch.no_grad():  # move off the init: zero-initialised gates (ISP) would give their inputs zero gradient
-        for p in trainable.values():
-            p.add_(0.01 * torch.randn_like(p))
-    m.train()
-    ids = token_ids(m, ["red circle", "blue square"])
-    out = m.training_loss(TrainBatch(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 1, 0]), ids))
-    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
-    out["loss"].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
-    assert all(p.grad is None for p in m.clip.parameters())
+    ids = token_ids(m, CLASSES)
+    ctx = TrainContext(classnames=CLASSES, dataset_template="a photo of a {}.", class_token_ids=ids, image_loader=None,
+                       tokenize=None, device=torch.device("cpu"))
+    stages = m.training_stages()
+    assert stages and len({s.name for s in stages}) == len(stages)
+    trained_somewhere = set()
+    for stage in stages:
+        m.enter_stage(stage, ctx)
+        trainable = m.trainable_parameters()
+        assert trainable, f"stage {stage.name} trains nothing"
+        trained_somewhere |= set(trainable)
+        with torch.no_grad():  # move off the init: zero-initialised gates (ISP) would give their inputs zero gradient
+            for p in trainable.values():
+                p.add_(0.01 * torch.randn_like(p))
+        m.train()
+        m.zero_grad(set_to_none=True)
+        out = m.training_loss(TrainBatch(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 1, 0]), ids))
+        assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+        out["loss"].backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values()), stage.name
+        others = {n for n, p in m.learned_parameters().items() if p.grad is not None} - set(trainable)
+        assert not others, f"stage {stage.name} reached tensors it does not train: {sorted(others)[:5]}"
+        assert all(p.grad is None for p in m.clip.parameters())
+        m.end_stage(stage, ctx)
+    untrained = set(m.learned_parameters()) - trained_somewhere
+    assert all(n.endswith("keys") for n in untrained), f"learned tensors no stage trains: {sorted(untrained)[:5]}"
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_state_dict_round_trip(name):
     a, b = build(name), build(name)
     with torch.no_grad():
-        for p in a.trainable_parameters().values():
+        for p in a.learned_parameters().values():
             p.add_(torch.randn_like(p))
     b.load_trainable_state_dict(a.trainable_state_dict())
     x = torch.randn(2, 3, 32, 32)

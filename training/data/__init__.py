@@ -25,7 +25,8 @@ from training.data.benchmarks import (
     read_imagenet_dg,
     read_split_json,
 )
-from training.data.dataset import ImageListDataset, load_rgb, make_loader
+from training.data.dataset import (DomainBalancedBatches, ImageListDataset, load_rgb, make_domain_balanced_loader,
+                                   make_loader)
 from training.data.folder import IMAGE_EXTENSIONS, list_images, read_image_folder
 from training.data.samples import (
     SUBSAMPLE_CHOICES,
@@ -56,6 +57,8 @@ __all__ = [
     "ImageListDataset",
     "load_rgb",
     "make_loader",
+    "DomainBalancedBatches",
+    "make_domain_balanced_loader",
     "DEFAULT_CLASSES",
     "DEFAULT_COLORS",
     "DEFAULT_SHAPES",

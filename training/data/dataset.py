@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Any, Callable, Sequence
 
@@ -126,3 +127,57 @@ def make_loader(
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
     )
+
+
+class DomainBalancedBatches(torch.utils.data.Sampler[list[int]]):
+    """Batches that take ``per_domain`` images from every domain: one shuffled stream per domain, zipped per step
+    (GuiDG / DomainBed's one ``InfiniteDataLoader`` per source domain).
+
+    ``domains[i]`` is the domain of dataset item ``i``. An epoch is ``ceil(largest domain / per_domain)`` steps, so
+    every image of the largest domain is seen once per epoch and smaller domains cycle (reshuffled at each pass).
+    Deterministic for a given ``seed``.
+    """
+
+    def __init__(self, domains: Sequence[str], per_domain: int, seed: int = 0) -> None:
+        if per_domain < 1:
+            raise DatasetError(f"per_domain must be >= 1, got {per_domain}")
+        groups: dict[str, list[int]] = {}
+        for i, d in enumerate(domains):
+            groups.setdefault(d, []).append(i)
+        if not groups:
+            raise DatasetError("no samples to batch")
+        self.groups = [groups[d] for d in sorted(groups)]
+        self.per_domain = int(per_domain)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(max(len(g) for g in self.groups) / self.per_domain)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        streams = [self._stream(g, gen) for g in self.groups]
+        for _ in range(len(self)):
+            yield [i for s in streams for i in (next(s) for _ in range(self.per_domain))]
+
+    @staticmethod
+    def _stream(indices: list[int], gen: torch.Generator):
+        while True:
+            for j in torch.randperm(len(indices), generator=gen).tolist():
+                yield indices[j]
+
+
+def make_domain_balanced_loader(dataset: "ImageListDataset", *, batch_size: int, seed: int = 0,
+                                num_workers: int = 0, pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader whose every batch holds ``batch_size // n_domains`` images of each domain (at least one)."""
+    domains = [s.domain for s in dataset.samples]
+    n = len(set(domains))
+    per_domain = max(1, int(batch_size) // n)
+    if per_domain * n != int(batch_size):
+        logger.info("domain-balanced batches: %d image(s) from each of %d domains = %d per step (batch_size %d)",
+                    per_domain, n, per_domain * n, batch_size)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=DomainBalancedBatches(domains, per_domain, seed), num_workers=int(num_workers),
+        pin_memory=bool(pin_memory), worker_init_fn=_seed_worker if num_workers > 0 else None,
+        persistent_workers=num_workers > 0)

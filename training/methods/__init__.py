@@ -9,14 +9,16 @@ from typing import Any, Mapping
 
 from training.backbone import Backbone
 from training.errors import RegistryError
-from training.methods.base import Capabilities, MethodConfig, PromptMethod, TrainBatch, TrainContext
+from training.methods.base import (Capabilities, MethodConfig, PromptMethod, TrainBatch, TrainContext,
+                                   TrainStage)
 from training.methods.coop import CoOp
 from training.methods.disa import DiSa
+from training.methods.guidg import GuiDG
 from training.methods.isp import ISP
 from training.methods.ivlp import IVLP
 from training.methods.zeroshot import ZeroShot
 
-_METHOD_CLASSES: tuple[type[PromptMethod], ...] = (ZeroShot, CoOp, IVLP, DiSa, ISP)
+_METHOD_CLASSES: tuple[type[PromptMethod], ...] = (ZeroShot, CoOp, IVLP, DiSa, ISP, GuiDG)
 
 
 def _build_registry() -> dict[str, type[PromptMethod]]:
@@ -52,5 +54,5 @@ def create_method(name: str, backbone: Backbone, config: Mapping[str, Any] | Met
 
 __all__ = [
     "Capabilities", "METHODS", "MethodConfig", "PromptMethod", "TrainBatch", "TrainContext", "create_method", "get_method_class",
-    "list_methods",
+    "list_methods", "TrainStage",
 ]

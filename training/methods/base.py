@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,49 @@ class Capabilities:
     finetuned_image_tower: bool = False
     #: the method has trainable tensors at all (zero-shot CLIP has none).
     trainable: bool = True
+
+
+class InstanceCapabilities:
+    """A ``capabilities`` descriptor for methods whose capabilities depend on their config.
+
+    On an instance it returns ``self._capabilities`` (set in ``__init__``); on the class (CLI listing, docs) it
+    returns ``default``, the capabilities of the default config.
+    """
+
+    def __init__(self, default: Capabilities) -> None:
+        self.default = default
+
+    def __get__(self, obj, owner) -> Capabilities:
+        if obj is None:
+            return self.default
+        return obj._capabilities
+
+
+@dataclass(frozen=True)
+class TrainStage:
+    """One stage of a method's training. Most methods have one; GuiDG has one per domain expert plus fine-tuning.
+
+    The workflow picks the stage's training samples and settings from these fields; the method, in
+    :meth:`PromptMethod.enter_stage`, decides which of its tensors train.
+    """
+
+    name: str
+    #: train on the samples of these source domains only (``None``: every domain).
+    domains: tuple[str, ...] | None = None
+    #: ``all`` the training pool, or the ``first`` / ``second`` of two disjoint parts of each domain's pool
+    #: (``second`` holds ``part_fraction`` of it), split before few-shot sampling (GuiDG: experts vs aggregation).
+    part: str = "all"
+    part_fraction: float = 0.5
+    #: each step takes ``batch_size // n_domains`` images from every domain (one stream per domain, zipped).
+    balanced_domains: bool = False
+    #: :class:`~training.engine.TrainConfig` fields that differ in this stage (e.g. optimiser and lr).
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.part not in ("all", "first", "second"):
+            raise ValueError(f"stage part must be all, first or second, got {self.part!r}")
+        if not 0.0 < self.part_fraction < 1.0:
+            raise ValueError(f"stage part_fraction must be in (0, 1), got {self.part_fraction}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +137,8 @@ class PromptMethod(nn.Module):
     description: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: the method is meant for several source domains (multi-source DG, GuiDG); single-source benchmarks skip it
+    needs_domains: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, config: MethodConfig) -> None:
         super().__init__()
@@ -150,6 +195,27 @@ class PromptMethod(nn.Module):
         """[B, D] x [C, D] -> [B, C] scaled cosine logits."""
         return self.logit_scale * image_features @ text_features.t()
 
+    def expert_weights(self, image_features: torch.Tensor, *, per_sample: bool | None = None) -> torch.Tensor | None:
+        """[B, D] -> [B, S] per-image weights of the S prompt sets (each row a distribution), or ``None`` for
+        single-set methods. ``per_sample=True`` forces per-image weights (what export uses) even where the method
+        is configured otherwise (GuiDG's batch-mean reproduction mode)."""
+        return None
+
+    def prompt_set_names(self) -> list[str]:
+        """Names of the prompt sets (GuiDG: its source domains); ``["default"]`` for single-set methods."""
+        return ["default"]
+
+    def combined_logits(self, image_features: torch.Tensor, text_sets: Sequence[torch.Tensor],
+                        weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, D] x S x [C, D] (+ weights [B, S]) -> [B, C]: ``scale * sum_s w_s(x) f . T_s`` (the rule serving
+        mirrors). One set without weights is plain :meth:`logits`."""
+        if len(text_sets) == 1 and weights is None:
+            return self.logits(image_features, text_sets[0])
+        if weights is None:
+            raise ValueError(f"{len(text_sets)} prompt sets need per-image weights [B, {len(text_sets)}]")
+        per_set = torch.stack([image_features @ t.t() for t in text_sets], dim=1)  # [B, S, C]
+        return self.logit_scale * torch.einsum("bsc,bs->bc", per_set, weights.to(per_set.dtype))
+
     # ----------------------------------------------------------------- training
     def training_loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """Cross-entropy over the training classes; subclasses add regularisers as further dict entries."""
@@ -162,6 +228,25 @@ class PromptMethod(nn.Module):
     def prepare_training(self, ctx: TrainContext) -> None:
         """Hook run once before training (e.g. precompute frozen-teacher features). Default: nothing."""
 
+    @classmethod
+    def config_for_data(cls, config: Mapping[str, Any] | None, classnames: Sequence[str],
+                        domains: Sequence[str]) -> dict[str, Any]:
+        """Fill config options that follow from the training data (GuiDG: its source domains and class count).
+        ``domains`` are the training samples' domain names, sorted (``[""]`` for data without domains). Default:
+        the config unchanged."""
+        return dict(config or {})
+
+    def training_stages(self) -> list[TrainStage]:
+        """The stages training runs, in order (each one pass of the shared loop). Default: one stage."""
+        return [TrainStage("train")]
+
+    def enter_stage(self, stage: TrainStage, ctx: TrainContext) -> None:
+        """Before ``stage`` runs: choose which tensors train (``requires_grad``), precompute constants. Default:
+        nothing (every method-owned tensor trains)."""
+
+    def end_stage(self, stage: TrainStage, ctx: TrainContext) -> None:
+        """After ``stage`` finished (and its callbacks ran). Default: nothing."""
+
     def training_callbacks(self) -> list[Any]:
         """Engine callbacks this method needs (e.g. Gaussian prompt aggregation). Default: none."""
         return []
@@ -171,17 +256,23 @@ class PromptMethod(nn.Module):
         return []
 
     # ----------------------------------------------------------------- state
+    def learned_parameters(self) -> dict[str, nn.Parameter]:
+        """Every method-owned parameter, by namespaced name, whether or not the current stage trains it (never
+        frozen CLIP weights): what the artifact stores."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("clip.")}
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """The method-owned trainable parameters, by namespaced name (never frozen CLIP weights)."""
-        return {n: p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("clip.")}
+        """The method-owned parameters the current stage trains (``requires_grad``), by namespaced name."""
+        return {n: p for n, p in self.learned_parameters().items() if p.requires_grad}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the method-owned trainable tensors, detached, contiguous, on CPU (what the artifact stores)."""
-        return {n: p.detach().to("cpu").contiguous().clone() for n, p in self.trainable_parameters().items()}
+        """Every method-owned learned tensor (:meth:`learned_parameters`), detached, contiguous, on CPU: what the
+        artifact stores. For single-stage methods these are exactly the trainable parameters."""
+        return {n: p.detach().to("cpu").contiguous().clone() for n, p in self.learned_parameters().items()}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load tensors saved by :meth:`trainable_state_dict`; names and shapes must match exactly."""
-        own = self.trainable_parameters()
+        own = self.learned_parameters()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ConfigError(

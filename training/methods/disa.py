@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 
 from training.backbone import Backbone
-from training.callbacks import GaussianPromptAggregation
 from training.methods.base import Capabilities, TrainBatch, TrainContext
 from training.methods.ivlp import IVLP, IVLPConfig
 from training.prompting.encoders import l2_normalize
@@ -361,6 +360,8 @@ class DiSa(IVLP):
     def training_callbacks(self) -> list[Any]:
         if not self.config.use_gpa:
             return []
+        from training.callbacks import GaussianPromptAggregation  # here: callbacks import the engine, which imports methods
+
         return [GaussianPromptAggregation(self.config.gpa_mean, self.config.gpa_std)]
 
     @torch.no_grad()

@@ -63,7 +63,7 @@ from torch import nn
 
 from training.backbone import Backbone
 from training.errors import ConfigError
-from training.methods.base import Capabilities, TrainBatch, TrainContext
+from training.methods.base import Capabilities, InstanceCapabilities, TrainBatch, TrainContext
 from training.methods.ivlp import IVLP, IVLPConfig
 from training.prompting.encoders import l2_normalize
 
@@ -203,21 +203,12 @@ class LowRankAttention(nn.Module):
         return low_rank_attention(queries, tokens, self.w_q, self.w_k, self.w_v, self.w_o, key_mask)
 
 
-class _InstanceCapabilities:
-    """``capabilities`` per instance (CSP variant B makes text depend on the image); on the class, the defaults'."""
-
-    def __get__(self, obj, owner) -> Capabilities:
-        if obj is None:
-            return Capabilities()  # ISPConfig() defaults: variant A
-        return obj._capabilities
-
-
 # --------------------------------------------------------------------------- the method
 class ISP(IVLP):
     name = "isp"
     description = "ISP: IVLP prompts + self-/cross-structural prompt attention (gated) + sample-probing loss weights"
     config_cls = ISPConfig
-    capabilities = _InstanceCapabilities()
+    capabilities = InstanceCapabilities(Capabilities())  # class level: the defaults (variant A)
 
     def __init__(self, backbone: Backbone, config: ISPConfig) -> None:
         super().__init__(backbone, config)

@@ -6,9 +6,13 @@ Three protocols, mirroring the field's (methods.md §2.2), with the toy world's 
   base half (CoOp rule on sorted class names), accuracy on the base and new halves of the test split, HM;
 * **cross-style transfer** (as cross-dataset): train on the source style with all its classes, evaluate on every
   other style's own classes;
-* **domain generalisation**: the same source-trained model on the source classes rendered in the held-out styles.
+* **domain generalisation**: the same source-trained model on the source classes rendered in the held-out styles;
+* **leave-one-style-out** (``loso``, multi-source DG as GuiDG / DomainBed evaluate): for each style as the target,
+  train on the same classes rendered in every other style (one domain per style) and test on the target style.
+  It runs ``loso_methods``: by default zero-shot, ERM fine-tuning of the image tower without experts, and GuiDG.
 
-Every registered method runs (a method added to the registry appears automatically). Finished runs are recorded
+Every registered single-source method runs the first three protocols (a method added to the registry appears
+automatically; methods that need several source domains, such as GuiDG, run in ``loso``). Finished runs are recorded
 in ``runs.jsonl`` and skipped when the command is run again (resume after an interruption).
 """
 from __future__ import annotations
@@ -47,7 +51,13 @@ class BenchConfig:
     backbone: str = "toy-clip"
     pretrained: str | None = None
     data_seed: int = 0
-    protocols: tuple[str, ...] = ("base2novel", "cross_style", "dg")
+    protocols: tuple[str, ...] = ("base2novel", "cross_style", "dg", "loso")
+    #: methods of the leave-one-style-out protocol (method specs, as ``methods``)
+    loso_methods: tuple[str, ...] = ("zeroshot", "guidg[use_experts=false,loss=erm]", "guidg")
+    #: styles used as targets in ``loso`` (empty: every style)
+    loso_targets: tuple[str, ...] = ()
+
+PROTOCOLS = ("base2novel", "cross_style", "dg", "loso")
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -97,12 +107,12 @@ def _train_cfg(cfg: BenchConfig, seed: int) -> TrainConfig:
 
 def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> dict[str, Any]:
     """Run (or resume) the benchmark into ``out``; writes tables (md/csv/json) and PNG charts; returns the summary."""
-    from training.methods import list_methods
+    from training.methods import get_method_class, list_methods
     from training.workflow import evaluate_artifact, train_run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = list(cfg.methods or list_methods())
+    methods = list(cfg.methods or [m for m in list_methods() if not get_method_class(m).needs_domains])
     runs = RunLog(out / "runs.jsonl")
     t0 = time.perf_counter()
     data = out / "data"
@@ -167,10 +177,61 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
                         r = evaluate_artifact(art, dg_data[s], subsample="all")
                         runs.add({"run_id": f"dg/{s}/{method}/seed{seed}", "protocol": "dg", "style": s,
                                       "method": method, "seed": seed, "accuracy": r["accuracy"]})
+    if "loso" in cfg.protocols:
+        _run_loso(cfg, data, runs_dir, runs, progress)
     summary = write_reports(cfg, out, list(runs.rows.values()), methods)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     report.write_json(out / "summary.json", summary)
     return summary
+
+
+def loso_splits(cfg: BenchConfig, data: Path, target: str):
+    """Leave-one-style-out data: the source classes rendered in every style but ``target`` (train, one domain per
+    style) and in ``target`` (test)."""
+    import dataclasses
+
+    from training.data import DatasetSplits, read_image_folder
+
+    classes = world.style_classes(cfg.source_style, num_classes=cfg.num_classes, seed=cfg.data_seed)
+    train, test, names, template = [], [], None, "a photo of a {}."
+    for s in cfg.styles:
+        root = data / f"loso-{s}"
+        # 2 x shots per class: the expert / aggregation halves (GuiDG) each still hold `shots` images
+        world.write_style_dataset(root, s, classes=classes, train_per_class=2 * cfg.shots,
+                                  test_per_class=cfg.test_per_class, seed=cfg.data_seed + 2)
+        split = read_image_folder(root)
+        names, template = split.classnames, split.template
+        if s == target:
+            test = split.test
+        else:
+            train += [dataclasses.replace(x, domain=s) for x in split.train]
+    return DatasetSplits(classnames=names, train=train, test=test, name=f"toyworld-loso-{target}",
+                         template=template)
+
+
+def _run_loso(cfg: BenchConfig, data: Path, runs_dir: Path, runs: RunLog, progress: bool) -> None:
+    from training.workflow import train_run
+
+    targets = list(cfg.loso_targets or cfg.styles)
+    for seed in cfg.seeds:
+        for target in targets:
+            splits = None
+            for method in cfg.loso_methods:
+                run_id = f"loso/{target}/{method}/seed{seed}"
+                if run_id in runs:
+                    continue
+                splits = splits or loso_splits(cfg, data, target)
+                method_name, overrides = parse_method_spec(method)
+                t = time.perf_counter()
+                res = train_run(method_name=method_name, data_root=splits, out_dir=runs_dir / run_id,
+                                backbone_name=cfg.backbone, pretrained=cfg.pretrained,
+                                method_config={**_method_config(method_name, cfg.backbone), **overrides},
+                                train_config=_train_cfg(cfg, seed), shots=cfg.shots, subsample="all", overwrite=True,
+                                progress=progress)
+                acc = res.metrics["all_accuracy"]
+                runs.add({"run_id": run_id, "protocol": "loso", "style": target, "method": method, "seed": seed,
+                          "accuracy": acc, "seconds": round(time.perf_counter() - t, 1)})
+                log.info("%s: target accuracy %.1f (%.0f s)", run_id, 100 * acc, time.perf_counter() - t)
 
 
 def write_reports(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
@@ -200,6 +261,17 @@ def write_reports(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]], metho
             md += [f"## {title}", "", text, ""]
             report.bar_chart(out / f"{proto}.png", table, group_key="style", metric="accuracy", methods=methods,
                              groups=others + ["average"], title=title)
+    loso = [r for r in rows if r["protocol"] == "loso"]
+    if loso:
+        targets = [s for s in cfg.styles if any(r["style"] == s for r in loso)]
+        loso_methods = [m for m in cfg.loso_methods if any(r["method"] == m for r in loso)]
+        title = "Leave-one-style-out multi-source DG (train on the other styles; accuracy on the held-out style)"
+        table, text = report.accuracy_table(loso, group_key="style", methods=loso_methods, groups=targets)
+        summary["loso"] = table
+        report.write_csv(out / "loso.csv", table)
+        md += [f"## {title}", "", text, ""]
+        report.bar_chart(out / "loso.png", table, group_key="style", metric="accuracy", methods=loso_methods,
+                         groups=targets + ["average"], title=title)
     src = [r for r in rows if r["protocol"] == "source"]
     if src:
         table, text = report.accuracy_table(src, group_key="style", methods=methods, groups=[cfg.source_style])
