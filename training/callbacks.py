@@ -221,19 +221,30 @@ class WiseFT(Callback):
         θ ← (1 − α)·θ_0 + α·θ
 
     α = 0.5 (GuiDG's baselines) is halfway; α = 0 restores θ_0 exactly; α = 1 keeps the fine-tuned weights.
-    Only the method-owned trainable tensors are touched (the frozen CLIP is, by construction, its own θ_0).
+    Only the method-owned trainable tensors are touched (the frozen CLIP is, by construction, its own θ_0);
+    ``prefixes`` restricts it further to the tensors whose names start with one of them (GuiDG: ``("visual.",)``,
+    the fine-tuned tower; a freshly initialised head has no meaningful θ_0).
 
     Resume: θ_0 is whatever the method holds at train start, i.e. the resumed weights for a resumed run.
     """
 
-    def __init__(self, alpha: float = 0.5) -> None:
+    def __init__(self, alpha: float = 0.5, prefixes: Sequence[str] | None = None) -> None:
         if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
             raise ValueError(f"WiSE-FT alpha must be in [0, 1] (0: initial weights, 1: fine-tuned), got {alpha}")
         self.alpha = float(alpha)
+        self.prefixes = tuple(prefixes) if prefixes is not None else None
         self.initial: dict[str, torch.Tensor] = {}
 
+    def _selected(self, method: Any) -> dict[str, torch.Tensor]:
+        params = method.trainable_parameters()
+        if self.prefixes is None:
+            return params
+        return {n: p for n, p in params.items() if n.startswith(self.prefixes)}
+
     def on_train_start(self, method: Any, total_steps: int) -> None:
-        self.initial = {name: p.detach().clone() for name, p in method.trainable_parameters().items()}
+        self.initial = {name: p.detach().clone() for name, p in self._selected(method).items()}
+        if not self.initial:
+            log.warning("WiSE-FT: no trainable tensor matches prefixes %s; nothing will be interpolated", self.prefixes)
 
 
 
@@ -242,7 +253,7 @@ class WiseFT(Callback):
             log.warning("WiSE-FT: no initial snapshot (on_train_start not called); keeping the final weights")
             return
         with torch.no_grad():
-            for name, p in method.trainable_parameters().items():
+            for name, p in self._selected(method).items():
                 theta0 = self.initial[name].to(device=p.device, dtype=p.dtype)
                 # lerp(θ0, θ, α) = θ0 + α(θ − θ0); exact at α = 0 (θ0) and α = 1 (θ).
                 p.copy_(torch.lerp(theta0, p.detach(), self.alpha))

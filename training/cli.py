@@ -94,9 +94,20 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from training.workflow import train_run
 
-    res = train_run(method_name=args.method, data_root=args.data, out_dir=args.out, backbone_name=args.backbone,
+    data: Any = args.data
+    subsample = args.subsample
+    if args.target_domain:  # multi-source DG: the other domains train (one source domain each), the target tests
+        from training.data import multi_source_task
+
+        data = multi_source_task(args.data, args.target_domain, dataset=args.dataset, seed=args.seed or 0)
+        if subsample != "all":
+            log.info("--target-domain: training on every class (--subsample all)")
+        subsample = "all"
+    elif args.dataset:
+        raise PromptclipError("--dataset names a multi-domain dataset and needs --target-domain (the held-out domain)")
+    res = train_run(method_name=args.method, data_root=data, out_dir=args.out, backbone_name=args.backbone,
                     pretrained=args.pretrained, method_config=_parse_sets(args.set), train_config=_train_config(args),
-                    shots=args.shots, subsample=args.subsample, template=args.template,
+                    shots=args.shots, subsample=subsample, template=args.template,
                     evaluate_splits=not args.no_eval, overwrite=args.overwrite)
     print(f"artifact: {res.artifact}")
     print(json.dumps(res.metrics, indent=2))
@@ -119,8 +130,14 @@ def cmd_export(args: argparse.Namespace) -> int:
                          opset=args.opset, pretrained=args.pretrained, overwrite=args.overwrite)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"bundle: {path}")
-    print(json.dumps({"classes": len(manifest["classes"]["names"]), "parity": {
-        k: {"max_abs": v["max_abs"], "min_cosine": v["min_cosine"]} for k, v in manifest["parity"].items()}}, indent=2))
+
+    def worst(entry: Any) -> dict[str, float]:  # one graph's figures, or the worst over several prompt sets
+        items = entry if isinstance(entry, list) else [entry]
+        return {"max_abs": max(e["max_abs"] for e in items), "min_cosine": min(e["min_cosine"] for e in items)}
+
+    print(json.dumps({"classes": len(manifest["classes"]["names"]),
+                      "prompt_sets": (manifest.get("prompt_sets") or {}).get("names", ["default"]),
+                      "parity": {k: worst(v) for k, v in manifest["parity"].items()}}, indent=2))
     return 0
 
 
@@ -260,7 +277,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     train = {k: v for k, v in {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
                                "lr": args.lr, "device": args.device, "precision": args.precision,
                                "num_workers": args.num_workers}.items() if v is not None}
-    shots = _int_list(args.shots) if args.shots else ((1, 2, 4, 8, 16) if args.protocol == "few-shot" else (16,))
+    shots = _int_list(args.shots) if args.shots is not None else (
+        (1, 2, 4, 8, 16) if args.protocol == "few-shot" else (16,))
     cfg = ReproduceConfig(protocol=args.protocol, method=args.method, root=args.root,
                           datasets=tuple(d.strip() for d in (args.datasets or "").split(",") if d.strip()),
                           seeds=_int_list(args.seeds), shots=shots, source=args.source, backbone=args.backbone,
@@ -288,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With --subsample base (default) it trains on the base half of the classes and "
                                    "reports base and new accuracy and their harmonic mean.")
     s.add_argument("--method", required=True, help="method name (see 'promptclip methods')")
-    s.add_argument("--data", required=True, help="image folder root")
+    s.add_argument("--data", required=True, help="image folder root (with --target-domain: ROOT/<domain>/<class>/...)")
+    s.add_argument("--target-domain", help="multi-source domain generalisation: leave this domain of DATA out (it is "
+                                           "tested on), train on the others (GuiDG: one expert per source domain)")
+    s.add_argument("--dataset", help="with --target-domain: a DomainBed set under DATA (PACS, VLCS, OfficeHome, "
+                                     "TerraIncognita, DomainNet) or imagenet-dg (target a, i or r); default: DATA "
+                                     "itself is ROOT/<domain>/<class>/<image>")
     s.add_argument("--out", required=True, help="run directory (artifact in OUT/artifact, resume checkpoint in OUT/checkpoint)")
     s.add_argument("--backbone", default="ViT-B-16", help="backbone name (see 'promptclip backbones')")
     s.add_argument("--pretrained", default=None,
@@ -367,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train and evaluate per dataset and seed, resume after an interruption, and write "
                                    "the table the papers print (markdown, CSV, JSON) plus PNG plots. Datasets: "
                                    "the names of training.data.list_datasets(), or toyworld-<style>.")
-    s.add_argument("protocol", choices=["base2novel", "cross-dataset", "domain-generalization", "few-shot"])
+    s.add_argument("protocol", choices=["base2novel", "cross-dataset", "domain-generalization", "few-shot",
+                                        "multi-source-dg"])
     s.add_argument("--method", required=True)
     s.add_argument("--root", required=True, help="folder holding the datasets (CoOp DATASETS.md layout)")
     s.add_argument("--datasets", help="comma-separated (default: the protocol's standard list)")

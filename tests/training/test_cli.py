@@ -81,6 +81,41 @@ def test_train_eval_export_classify_via_cli(capsys, shapes_root, tmp_path):
     assert "top_k" in _err(capsys)
 
 
+def test_multi_source_dg_train_export_classify_via_cli(capsys, tmp_path):
+    """GuiDG from a ROOT/<domain>/<class>/ folder: one expert per source domain, a format-2 bundle, classify."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for d, domain in enumerate(("photo", "sketch", "paint")):
+        for label, cls in enumerate(("red circle", "blue square", "green star")):
+            for i in range(6):
+                path = tmp_path / "data" / domain / cls.replace(" ", "_") / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                colour = np.array([60 * label + 40, 50 * d + 30, 90], dtype=float)
+                arr = np.clip(colour + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype("uint8")
+                Image.fromarray(arr).save(path)
+    run = tmp_path / "run"
+    assert main(["train", "--method", "guidg", "--data", str(tmp_path / "data"), "--target-domain", "paint",
+                 "--out", str(run), "--backbone", "tiny-test", "--set", "n_ctx=4", "--max-steps", "2",
+                 "--batch-size", "4", "--shots", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out[out.index("{"):])
+    assert [s["stage"] for s in metrics["stages"]] == ["expert-0", "expert-1", "finetune"]
+    assert metrics["all_num_images"] == 3  # 20% of the 18 target-domain images
+    assert main(["export", "--artifact", str(run / "artifact"), "--out", str(tmp_path / "bundle"),
+                 "--exporter", "torchscript"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["prompt_sets"]["names"] == ["photo", "sketch"]
+    image = next((tmp_path / "data" / "paint").glob("*/*.png"))
+    assert main(["classify", "--bundle", str(tmp_path / "bundle"), str(image), "--top-k", "3"]) == 0
+    assert len(json.loads(capsys.readouterr().out.splitlines()[0])["predictions"]) == 3
+    assert main(["train", "--method", "guidg", "--data", str(tmp_path / "data"), "--target-domain", "mars",
+                 "--out", str(tmp_path / "run2"), "--backbone", "tiny-test"]) == 2
+    assert "not one of the domains" in _err(capsys)
+
+
 def test_console_script_is_installed():
     """`promptclip` on PATH (the README's commands run as a new user would)."""
     import shutil

@@ -480,6 +480,27 @@ def test_domainbed_errors(tmp_path):
     assert "unknown domain 'mars'" in _err(read_domain_dataset, "VLCS", tmp_path, domains=["mars"])
 
 
+def test_read_domain_folders_and_leave_one_domain_out(tmp_path):
+    from training.data import leave_one_domain_out, multi_source_task, read_domain_folders
+
+    base = _make_domainbed(tmp_path, "cams", ("site_b", "site_a", "site_c"), classes=("cat", "dog"), n=5)
+    doms = read_domain_folders(base)
+    assert list(doms) == ["site_a", "site_b", "site_c"] and doms["site_b"].classnames == ["cat", "dog"]
+    task = leave_one_domain_out(doms, "Site_C", test_fraction=0.2, seed=0)
+    assert {s.domain for s in task.train} == {"site_a", "site_b"} and len(task.train) == 20
+    assert len(task.test) == 2 and {s.domain for s in task.test} == {"site_c"}  # int(10 * 0.2)
+    assert task.name == "cams->site_c"
+    whole = leave_one_domain_out(doms, "site_c", test_fraction=1.0)
+    assert len(whole.test) == 10
+    assert "not one of the domains" in _err(leave_one_domain_out, doms, "site_z")
+    pacs = _make_domainbed(tmp_path, "PACS", _PACS_DOMAINS, n=1)
+    task = multi_source_task(tmp_path, "Sketch", dataset="PACS", test_fraction=1.0)
+    assert {s.domain for s in task.train} == {"art_painting", "cartoon", "photo"} and len(task.test) == 3
+    assert pacs.is_dir()
+    (tmp_path / "lonely" / "only_one").mkdir(parents=True)
+    assert "at least two" in _err(read_domain_folders, tmp_path / "lonely")
+
+
 def test_holdout_split():
     samples = [Sample(f"/d/{i:03d}.jpg", i % 3, "photo") for i in range(20)]
     inside, out = holdout_split(samples, 0.7, seed=5)

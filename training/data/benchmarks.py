@@ -719,6 +719,11 @@ def _domain_info(name: str) -> DomainDatasetInfo:
     return DOMAIN_DATASETS[canonical]
 
 
+def dataset_domains(name: str) -> list[str]:
+    """The domains of DomainBed dataset ``name`` in DomainBed order (e.g. PACS: art_painting, cartoon, ...)."""
+    return list(_domain_info(name).domains)
+
+
 def read_domain_dataset(
     name: str,
     root: str | os.PathLike,
@@ -763,14 +768,25 @@ def read_domain_dataset(
         logger.warning("%s: ignoring folder(s) that are not %s domains: %s",
                        info.name, info.name, ", ".join(os.path.join(base, e) for e in extra))
 
+    out = _read_domain_dirs([(d, os.path.join(base, present[_key(d)])) for d in wanted], info.name, info.template,
+                            layout)
+    n_classes = len(next(iter(out.values())).classnames) if out else 0
+    if out and n_classes != info.num_classes:
+        logger.warning("%s has %d classes in %s, expected %d", info.name, n_classes, base, info.num_classes)
+    return out
+
+
+def _read_domain_dirs(dirs: Sequence[tuple[str, str]], dataset: str, template: str,
+                      layout: str) -> dict[str, DatasetSplits]:
+    """``{domain: DatasetSplits}`` (every sample in ``train``, ``Sample.domain`` set) of ``(domain, folder)`` pairs
+    whose folders each hold the same ``<class>/<image>`` sub-folders."""
     out: dict[str, DatasetSplits] = {}
     ref_classes: list[str] | None = None
     ref_domain = ""
-    for domain in wanted:
-        domain_dir = os.path.join(base, present[_key(domain)])
+    for domain, domain_dir in dirs:
         classes = _subdirs(domain_dir)
         if not classes:
-            raise DatasetError(f"{info.name} domain folder {domain_dir} holds no class folders\n{layout}")
+            raise DatasetError(f"{dataset} domain folder {domain_dir} holds no class folders\n{layout}")
         if ref_classes is None:
             ref_classes, ref_domain = classes, domain_dir
         elif classes != ref_classes:
@@ -783,18 +799,51 @@ def read_domain_dataset(
                 ) if part
             )
             raise DatasetError(
-                f"{info.name} domain {domain!r} ({domain_dir}) has a different class set than {ref_domain}: "
+                f"{dataset} domain {domain!r} ({domain_dir}) has a different class set than {ref_domain}: "
                 f"{detail}\n{layout}"
             )
         per = _images_per_folder(domain_dir, classes, layout)
         samples = [Sample(p, label, domain) for label, c in enumerate(classes) for p in per[c]]
         out[domain] = DatasetSplits(
             classnames=[class_name_from_folder(c) for c in classes],
-            train=samples, name=f"{info.name}/{domain}", template=info.template,
+            train=samples, name=f"{dataset}/{domain}", template=template,
         )
-    if ref_classes is not None and len(ref_classes) != info.num_classes:
-        logger.warning("%s has %d classes in %s, expected %d", info.name, len(ref_classes), base, info.num_classes)
     return out
+
+
+def read_domain_folders(root: str | os.PathLike, *, template: str = _PHOTO) -> dict[str, DatasetSplits]:
+    """Any multi-domain image folder ``root/<domain>/<class>/<image>`` (your own domains: cameras, sites, styles)
+    into ``{domain: DatasetSplits}`` in sorted domain order, like :func:`read_domain_dataset` for the DomainBed
+    sets: every sample in ``train`` with ``Sample.domain`` set; every domain must hold the same class folders."""
+    root_s = os.path.abspath(os.fspath(root))
+    layout = f"expected layout: {root_s}/<domain>/<class>/<image> (the same class folders in every domain)"
+    _require_dir(root_s, "domain folder root", layout)
+    domains = _subdirs(root_s)
+    if len(domains) < 2:
+        raise DatasetError(f"{root_s} holds {len(domains)} domain folder(s); multi-domain data needs at least two "
+                           f"(one source and the target)\n{layout}")
+    return _read_domain_dirs([(d, os.path.join(root_s, d)) for d in domains], os.path.basename(root_s) or root_s,
+                             template, layout)
+
+
+def leave_one_domain_out(domains: Mapping[str, DatasetSplits], target: str, *, test_fraction: float = 0.2,
+                         seed: int = 0) -> DatasetSplits:
+    """One multi-source DG task: ``train`` = every other domain's samples (``Sample.domain`` set: one source domain
+    each), ``test`` = the target domain's ``test_fraction`` holdout "out" split (GuiDG's full-data protocol uses
+    20%; ``test_fraction=1`` tests on the whole target domain)."""
+    matches = [d for d in domains if _key(d) == _key(target)]
+    if not matches:
+        raise DatasetError(f"target domain {target!r} is not one of the domains {', '.join(domains)}")
+    target = matches[0]
+    if len(domains) < 2:
+        raise DatasetError("leave-one-domain-out needs at least two domains (a source and the target)")
+    ref = domains[target]
+    train = [s for d, split in domains.items() if d != target for s in split.train]
+    target_samples = ref.train + ref.test
+    test = target_samples if test_fraction >= 1.0 else holdout_split(target_samples, test_fraction, seed).out_split
+    name = ref.name.rsplit("/", 1)[0] if "/" in ref.name else ref.name
+    return DatasetSplits(classnames=list(ref.classnames), train=train, test=test, name=f"{name}->{target}",
+                         template=ref.template)
 
 
 class HoldoutSplit(NamedTuple):
@@ -846,6 +895,24 @@ def _imagenet_dg_layout(base: str) -> str:
         f"  {base}/{{a,i/train,i/val,r,s,v2}}/<wnid>/<image>\n"
         f"  {base}/<domain>/classnames.txt   (\"<wnid> <class name>\" per line; needed in the target domain)"
     )
+
+
+def multi_source_task(root: str | os.PathLike, target: str, *, dataset: str | None = None, test_fraction: float = 0.2,
+                      seed: int = 0) -> DatasetSplits:
+    """A multi-source DG task (GuiDG's protocols) as one :class:`DatasetSplits` with domain-tagged training samples.
+
+    ``dataset``: ``None`` for your own ``root/<domain>/<class>/<image>`` folder (:func:`read_domain_folders`), a
+    DomainBed name (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet), or ``imagenet-dg`` (sources ImageNet train,
+    -Sketch, -V2; ``target`` a, i or r; tested on the whole target). Otherwise the target domain is left out and
+    tested on its ``test_fraction`` holdout split (GuiDG: 20%).
+    """
+    if dataset is not None and _key(dataset) in ("imagenetdg", "imagenetdggguidg"):
+        sources, tgt = read_imagenet_dg(root, target)
+        train = [s for split in sources.values() for s in split.train]
+        return DatasetSplits(classnames=tgt.classnames, train=train, test=tgt.test, name=tgt.name,
+                             template=tgt.template)
+    domains = read_domain_folders(root) if dataset is None else read_domain_dataset(dataset, root)
+    return leave_one_domain_out(domains, target, test_fraction=test_fraction, seed=seed)
 
 
 def read_imagenet_dg(root: str | os.PathLike, target: str) -> tuple[dict[str, DatasetSplits], DatasetSplits]:

@@ -14,8 +14,9 @@ its appendix (methods.md §5); nothing here is reconstructed, but two things dif
       L = mean_b sum_d w_d(x_b) * CE(logits_d(x_b), y_b),  logits_d = scale * (f - lambda * T_d[y]) . T_d^T
 
   (CLIPood's margin metric softmax as a feature shift, ``loss="mms"``, lambda = ``margin``; ``loss="erm"`` drops
-  the margin). Weight averaging (``averaging``): CLIPood's Beta moving average (default) or WiSE-FT, as callbacks
-  of the shared loop.
+  the margin). Weight averaging (``averaging``): CLIPood's Beta moving average of the tower and the head (default)
+  or WiSE-FT of the tower (the official ``wise_ft`` interpolates the visual encoder), as callbacks of the shared
+  loop.
 * **Inference**: logits = sum_d w_d(x) * scale * f . T_d^T. The head's keys k_{h,d} = a_h^T T_d + c_h are fixed
   from the training classes when stage 2 ends (``head.keys``), so the weights depend on the image only and a class
   name added later is encoded by every expert and scored like the others.
@@ -133,12 +134,18 @@ class CrossModalAttention(nn.Module):
         return keys + self.class_bias.to(keys.dtype)[:, None, None]
 
     def forward(self, image_features: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-        """image_features [B, D] (+ keys [H, S, D], default the fixed ones) -> weights [B, S], rows sum to 1."""
+        """image_features [B, D] (+ keys [H, S, D], default the fixed ones) -> weights [B, S], rows sum to 1.
+
+        Written with MatMul / ReduceL2 / Softmax / ReduceMean only (no Einsum), so the exported head stays
+        TensorRT-friendly."""
         keys = self.keys if keys is None else keys
-        f = image_features.to(self.q_weight.dtype)
-        q = torch.einsum("bi,hoi->bho", f, self.q_weight) + self.q_bias  # [B, H, D]
-        cos = torch.einsum("bhd,hsd->bhs", F.normalize(q, dim=-1), F.normalize(keys.to(q.dtype), dim=-1))  # [B, H, S]
-        return cos.softmax(dim=-1).mean(dim=1)  # [B, S]
+        heads, dim, _ = self.q_weight.shape
+        f = image_features.to(self.q_weight.dtype)  # [B, D]
+        q = (f @ self.q_weight.reshape(heads * dim, -1).t()).reshape(-1, heads, dim) + self.q_bias  # [B, H, D]
+        qn = F.normalize(q, dim=-1).transpose(0, 1)  # [H, B, D]
+        kn = F.normalize(keys.to(q.dtype), dim=-1).transpose(1, 2)  # [H, D, S]
+        cos = torch.matmul(qn, kn)  # [H, B, S]
+        return cos.softmax(dim=-1).mean(dim=0)  # [B, S]
 
     @torch.no_grad()
     def freeze_keys(self, expert_text: torch.Tensor) -> None:
@@ -277,7 +284,7 @@ class GuiDG(PromptMethod):
 
         if self.config.averaging == "bma":
             return [BetaMovingAverage(beta=self.config.bma_beta)]
-        return [WiseFT(alpha=self.config.wiseft_alpha)]
+        return [WiseFT(alpha=self.config.wiseft_alpha, prefixes=("visual.",))]  # the tower, as GuiDG's wise_ft
 
     # ----------------------------------------------------------------- losses
     def training_loss(self, batch: TrainBatch) -> dict[str, torch.Tensor]:

@@ -5,6 +5,10 @@
 * ``cross-dataset``: train on the source (ImageNet, all classes) once per seed, evaluate on each target dataset.
 * ``domain-generalization``: the same source-trained model on ImageNet-V2 / -Sketch / -A / -R.
 * ``few-shot``: all classes, K in {1, 2, 4, 8, 16} shots, accuracy per dataset and K (curves).
+* ``multi-source-dg`` (GuiDG's protocol, methods.md §5.4): per DomainBed dataset, each domain in turn is the target;
+  train on the other domains (one source domain each, ``Sample.domain``) and test on the target's 20% holdout
+  split; ``imagenet-dg`` trains on ImageNet / -Sketch / -V2 and tests on ImageNet-A, ImageNet val and ImageNet-R.
+  ``shots`` 0 is the full-data protocol (pair it with ``--set holdout_fraction=0.7`` for GuiDG).
 
 Every finished (dataset, seed[, shots]) run is appended to ``OUT/runs.jsonl`` and skipped when the command runs
 again, so an interrupted reproduction resumes. Few-shot selections are cached per dataset/shots/seed as JSON.
@@ -27,7 +31,22 @@ from training.protocols.runlog import RunLog
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization", "few-shot")
+PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization", "few-shot", "multi-source-dg")
+DEFAULT_MULTI_SOURCE = ("PACS", "VLCS", "TerraIncognita")
+
+#: Appendix Table 8 of GuiDG (methods.md §5.8), full-data DomainBed DG with ViT-B/16, as *reported by the authors*:
+#: per target domain in ``training.data.DOMAIN_DATASETS`` order, then the average.
+REPORTED_MULTI_SOURCE = {
+    "TerraIncognita": {"CLIP": (50.8, 23.4, 32.2, 28.8, 33.8), "ERM (WF)": (57.1, 54.8, 48.5, 43.6, 51.0),
+                       "ERM (WF) + GuiDG": (59.2, 56.0, 50.1, 46.2, 52.9), "CLIPood": (73.1, 58.4, 57.7, 50.9, 60.0),
+                       "CLIPood + GuiDG": (74.7, 59.8, 56.8, 52.3, 60.9)},
+    "VLCS": {"CLIP": (100.0, 67.4, 73.5, 86.1, 81.8), "ERM (WF)": (100.0, 66.1, 76.8, 90.1, 83.3),
+             "ERM (WF) + GuiDG": (100.0, 68.0, 77.4, 89.9, 83.8), "CLIPood": (98.9, 68.2, 78.8, 90.8, 84.2),
+             "CLIPood + GuiDG": (99.3, 69.7, 77.9, 90.1, 84.3)},
+    "PACS": {"CLIP": (97.6, 98.9, 100.0, 88.2, 96.2), "ERM (WF)": (97.8, 99.1, 100.0, 89.9, 96.7),
+             "ERM (WF) + GuiDG": (98.5, 99.4, 100.0, 92.5, 97.6), "CLIPood": (99.0, 99.6, 100.0, 90.7, 97.3),
+             "CLIPood + GuiDG": (98.3, 99.6, 100.0, 91.1, 97.3)},
+}
 DEFAULT_B2N = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
                "SUN397", "DTD", "EuroSAT", "UCF101")
 DEFAULT_DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
@@ -125,6 +144,23 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, *, progress: bool = Tru
                 r = evaluate_artifact(art, load_dataset(target, cfg.root), subsample="all")
                 runs.add({"run_id": f"{cfg.protocol}/{target}/seed{seed}", "dataset": target, "seed": seed,
                           "method": cfg.method, "accuracy": r["accuracy"]})
+    elif cfg.protocol == "multi-source-dg":
+        from training.data import IMAGENET_DG_TARGETS, dataset_domains, multi_source_task
+
+        for name in cfg.datasets or DEFAULT_MULTI_SOURCE:
+            imagenet_dg = name.lower().replace("-", "").replace("_", "") == "imagenetdg"
+            targets = list(IMAGENET_DG_TARGETS) if imagenet_dg else dataset_domains(name)
+            for seed in cfg.seeds:
+                for target in targets:
+                    run_id = f"multi-source-dg/{name}/{target}/seed{seed}"
+                    if run_id in runs:
+                        continue
+                    task = multi_source_task(cfg.root, target, dataset=name, seed=seed)
+                    res = train_run(data_root=task, out_dir=out / "runs" / run_id, train_config=_train_cfg(cfg, seed),
+                                    shots=cfg.shots[0], subsample="all", **common)
+                    runs.add({"run_id": run_id, "dataset": name, "target": target, "seed": seed,
+                              "method": cfg.method, "accuracy": res.metrics["all_accuracy"]})
+                    log.info("%s: target accuracy %.2f", run_id, 100 * res.metrics["all_accuracy"])
     else:  # few-shot
         for name in cfg.datasets or DEFAULT_B2N:
             data = None
@@ -170,6 +206,24 @@ def write_tables(cfg: ReproduceConfig, out: Path, rows: Sequence[dict[str, Any]]
         md += [f"Source: {cfg.source} (all classes). Top-1 accuracy %, mean ± std over seeds.", "", text, ""]
         report.bar_chart(out / f"{cfg.protocol}.png", table, group_key="dataset", metric="accuracy",
                          methods=[cfg.method], groups=groups + ["average"], title=f"{cfg.method}: {cfg.protocol}")
+    elif cfg.protocol == "multi-source-dg":
+        md += [f"Leave one domain out: train on the other domains ({cfg.shots[0] or 'all'} shots), top-1 accuracy % on "
+               f"the held-out domain, mean ± std over seeds.", ""]
+        summary["tables"] = {}
+        for name in dict.fromkeys(r["dataset"] for r in rows):
+            sub = [r for r in rows if r["dataset"] == name]
+            targets = list(dict.fromkeys(r["target"] for r in sub))
+            table, text = report.accuracy_table(sub, group_key="target", methods=[cfg.method], groups=targets)
+            summary["tables"][name] = table
+            report.write_csv(out / f"multi-source-dg-{name}.csv", table)
+            md += [f"## {name}", "", text, ""]
+            ref = REPORTED_MULTI_SOURCE.get(name)
+            if ref:
+                md += ["Reported by the GuiDG authors (appendix Table 8, full data, ViT-B/16; not measured here): "
+                       + "; ".join(f"{k} avg {v[-1]}" for k, v in ref.items()) + ".", ""]
+            report.bar_chart(out / f"multi-source-dg-{name}.png", table, group_key="target", metric="accuracy",
+                             methods=[cfg.method], groups=targets + ["average"],
+                             title=f"{cfg.method}: multi-source DG on {name} (held-out domain)")
     else:
         for r in rows:
             r["group"] = f"{r['dataset']}@{r['shots']}"
