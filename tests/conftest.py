@@ -27,14 +27,17 @@ def shapes_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, shapes_root):
-    """method name -> TrainRunResult, every registered method trained a few steps on the base classes."""
+    """method name -> TrainRunResult, every registered single-source method trained a few steps on the base classes
+    (methods that need several source domains, GuiDG, have their own fixtures on domain-tagged data)."""
     from training.engine import TrainConfig
-    from training.methods import list_methods
+    from training.methods import get_method_class, list_methods
     from training.workflow import train_run
 
     out = {}
     cfg = TrainConfig(epochs=1, max_steps=3, batch_size=8, lr=0.01, precision="fp32", device="cpu", seed=1)
     for name in list_methods():
+        if get_method_class(name).needs_domains:
+            continue
         run_dir = tmp_path_factory.mktemp(f"run-{name}")
         out[name] = train_run(method_name=name, data_root=shapes_root, out_dir=run_dir, backbone_name=TINY,
                               method_config=tiny_method_config(name), train_config=cfg, shots=4, subsample="base",
@@ -52,3 +55,37 @@ def bundles(tmp_path_factory, trained):
         out[name] = export_bundle(run.artifact, tmp_path_factory.mktemp(f"bundle-{name}") / "bundle",
                                   exporter="torchscript")
     return out
+
+
+@pytest.fixture(scope="session")
+def two_domain_shapes(shapes_root):
+    """The shapes set with its training images split between two domains, "a" and "b" (for GuiDG)."""
+    import dataclasses
+
+    from training.data import read_image_folder
+
+    splits = read_image_folder(shapes_root)
+    train_samples = [dataclasses.replace(s, domain="ab"[i % 2]) for i, s in enumerate(splits.train)]
+    return dataclasses.replace(splits, train=train_samples)
+
+
+@pytest.fixture(scope="session")
+def guidg_trained(tmp_path_factory, two_domain_shapes):
+    """(TrainRunResult, train_run kwargs) of GuiDG on the two-domain shapes: two experts + fine-tuning, a few steps."""
+    from training.engine import TrainConfig
+    from training.workflow import train_run
+
+    cfg = TrainConfig(epochs=1, max_steps=3, batch_size=8, lr=0.01, precision="fp32", device="cpu", seed=1)
+    kwargs = dict(method_name="guidg", data_root=two_domain_shapes, out_dir=tmp_path_factory.mktemp("run-guidg"),
+                  backbone_name=TINY, method_config={"n_ctx": 4, "finetune_lr": 1e-3}, train_config=cfg, shots=2,
+                  subsample="all", progress=False)
+    return train_run(**kwargs), kwargs
+
+
+@pytest.fixture(scope="session")
+def guidg_bundle(tmp_path_factory, guidg_trained):
+    """The GuiDG run exported (bundle format 2: two experts)."""
+    from export.bundle import export_bundle
+
+    return export_bundle(guidg_trained[0].artifact, tmp_path_factory.mktemp("bundle-guidg") / "bundle",
+                         exporter="torchscript")

@@ -1,5 +1,5 @@
 """End to end on the real stack: train -> export -> `bentoml serve` on loopback (a real server, stopped by its pid)
--> classify -> add a class at runtime -> classify, for coop and ivlp."""
+-> classify -> add a class at runtime -> classify, for coop, ivlp and guidg (a format-2 bundle with two experts)."""
 from __future__ import annotations
 
 import os
@@ -11,12 +11,12 @@ from training.demo import ServerProcess
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["coop", "ivlp"])
-def test_train_export_serve_classify_add_classify(name, bundles, trained, shapes_root, tmp_path):
+@pytest.mark.parametrize("name", ["coop", "ivlp", "guidg"])
+def test_train_export_serve_classify_add_classify(name, request, shapes_root, tmp_path):
     from serving.classifier import Classifier
     from training.data import read_image_folder
 
-    bundle = bundles[name]
+    bundle = request.getfixturevalue("guidg_bundle") if name == "guidg" else request.getfixturevalue("bundles")[name]
     splits = read_image_folder(shapes_root)
     image = next(s.path for s in splits.test)
     blob = open(image, "rb").read()

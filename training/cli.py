@@ -68,8 +68,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
             flags.append("nothing trainable")
         if caps.text_depends_on_image:
             flags.append("image-conditioned text")
-        if caps.num_prompt_sets > 1:
+        if cls.needs_domains:
+            flags.append("needs several source domains: one prompt set per domain (train --target-domain)")
+        elif caps.num_prompt_sets > 1:
             flags.append(f"{caps.num_prompt_sets} prompt sets")
+        if caps.finetuned_image_tower:
+            flags.append("fine-tunes the image tower")
         print(f"{name:10s} {cls.description}" + (f"  [{', '.join(flags)}]" if flags else ""))
     return 0
 
@@ -117,7 +121,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from training.workflow import evaluate_artifact
 
-    res = evaluate_artifact(args.artifact, args.data, subsample=args.subsample, split=args.split,
+    data: Any = args.data
+    if args.target_domain:
+        from training.data import multi_source_task
+
+        data = multi_source_task(args.data, args.target_domain, dataset=args.dataset, seed=args.seed)
+    elif args.dataset:
+        raise PromptclipError("--dataset names a multi-domain dataset and needs --target-domain (the held-out domain)")
+    res = evaluate_artifact(args.artifact, data, subsample=args.subsample, split=args.split,
                             batch_size=args.batch_size, device=args.device, pretrained=args.pretrained)
     print(json.dumps(res, indent=2))
     return 0
@@ -340,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--subsample", default="all", choices=["base", "new", "all"])
     s.add_argument("--split", default="test", choices=["train", "val", "test"])
+    s.add_argument("--target-domain", help="DATA is ROOT/<domain>/<class>/...: evaluate on this domain's held-out "
+                                           "test split (the one 'train --target-domain' reports)")
+    s.add_argument("--dataset", help="with --target-domain: a DomainBed set under DATA, or imagenet-dg")
+    s.add_argument("--seed", type=int, default=0, help="with --target-domain: the seed of the target's holdout split")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto")
     s.add_argument("--pretrained", default=None, help="backbone weights when the recorded source is not available")

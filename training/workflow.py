@@ -20,7 +20,7 @@ from training.backbone import Backbone, create_backbone
 from training.data import (DatasetSplits, ImageListDataset, Sample, holdout_split, make_domain_balanced_loader,
                            make_loader, read_image_folder, sample_few_shot, subsample_classes)
 from training.engine import TrainConfig, evaluate, resolve_device, train
-from training.errors import DatasetError
+from training.errors import ConfigError, DatasetError
 from training.methods import (MethodConfig, PromptMethod, TrainContext, TrainStage, create_method,
                               get_method_class)
 
@@ -206,6 +206,10 @@ def _run_stage(method: PromptMethod, stage: TrainStage, ctx: TrainContext, sampl
     method.enter_stage(stage, ctx)
     if done.is_file():  # resumed run: this stage's final (post-averaging) tensors
         saved = load_file(str(done))
+        own = method.trainable_parameters()
+        if set(saved) != set(own) or any(tuple(saved[n].shape) != tuple(p.shape) for n, p in own.items()):
+            raise ConfigError(f"{ckpt} holds a finished stage {stage.name!r} of other tensors than this run trains "
+                              f"(another method config?); use another --out directory or delete {ckpt}")
         with torch.no_grad():
             for n, p in method.trainable_parameters().items():
                 p.copy_(saved[n].to(p.device, p.dtype))

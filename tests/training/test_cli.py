@@ -103,6 +103,10 @@ def test_multi_source_dg_train_export_classify_via_cli(capsys, tmp_path):
     metrics = json.loads(out[out.index("{"):])
     assert [s["stage"] for s in metrics["stages"]] == ["expert-0", "expert-1", "finetune"]
     assert metrics["all_num_images"] == 3  # 20% of the 18 target-domain images
+    assert main(["eval", "--artifact", str(run / "artifact"), "--data", str(tmp_path / "data"),
+                 "--target-domain", "paint", "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["num_images"] == 3 and res["accuracy"] == pytest.approx(metrics["all_accuracy"])
     assert main(["export", "--artifact", str(run / "artifact"), "--out", str(tmp_path / "bundle"),
                  "--exporter", "torchscript"]) == 0
     capsys.readouterr()

@@ -3,8 +3,6 @@ against a direct computation, weight averaging through the loop, domain-balanced
 train -> artifact -> format-2 bundle -> serving with a class added at runtime (tiny-test backbone)."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -72,6 +70,9 @@ def test_needs_domains_and_class_count(backbone):
     assert cfg["domains"] == ["sketch", "clean"] and cfg["num_classes"] == 3
     with pytest.raises(ConfigError, match="training data has"):
         GuiDG.config_for_data({"domains": ["x", "y"]}, CLASSES, ["sketch", "clean"])
+    with pytest.raises(ConfigError, match="needs at least two.*--target-domain.*use_experts=false"):
+        GuiDG.config_for_data({}, CLASSES, [""])
+    assert GuiDG.config_for_data({"use_experts": False}, CLASSES, [""])["domains"] == ["all"]
     with pytest.raises(ConfigError, match="unknown option"):
         create_method("guidg", backbone, {"domains": ["a"], "num_classes": 3, "lam": 0.3})
     with pytest.raises(ConfigError, match="weighting must be one of"):
@@ -249,25 +250,9 @@ def test_domain_balanced_batches():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def two_domain_data(shapes_root):
-    from training.data import read_image_folder
-
-    splits = read_image_folder(shapes_root)
-    train_samples = [dataclasses.replace(s, domain="ab"[i % 2]) for i, s in enumerate(splits.train)]
-    return dataclasses.replace(splits, train=train_samples)
-
-
-@pytest.fixture(scope="module")
-def guidg_run(tmp_path_factory, two_domain_data):
-    from training.workflow import train_run
-
-    out = tmp_path_factory.mktemp("guidg-run")
-    cfg = TrainConfig(epochs=1, max_steps=3, batch_size=8, lr=0.01, precision="fp32", device="cpu", seed=1)
-    kwargs = dict(method_name="guidg", data_root=two_domain_data, out_dir=out, backbone_name=TINY,
-                  method_config={"n_ctx": 4, "finetune_lr": 1e-3}, train_config=cfg, shots=2, subsample="all",
-                  progress=False)
-    return train_run(**kwargs), kwargs
+@pytest.fixture()
+def guidg_run(guidg_trained):
+    return guidg_trained
 
 
 def test_artifact_holds_everything_needed_to_serve(guidg_run):
@@ -299,18 +284,20 @@ def test_rerun_loads_finished_stages(guidg_run, caplog):
     assert sum("already finished" in r.message for r in caplog.records) == 3
     second = load_file(str(again.artifact / WEIGHTS_FILE))
     assert all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ConfigError, match="finished stage 'expert-0' of other tensors"):  # another config, same --out
+        train_run(**{**kwargs, "method_config": {"n_ctx": 3}}, overwrite=True)
+    assert all(torch.equal(first[k], v) for k, v in load_file(str(again.artifact / WEIGHTS_FILE)).items())
 
 
-def test_bundle_and_serving_reproduce_torch_logits_with_a_runtime_class(guidg_run, tmp_path):
+def test_bundle_and_serving_reproduce_torch_logits_with_a_runtime_class(guidg_run, guidg_bundle):
     import json
 
-    from export.bundle import export_bundle
     from serving.classifier import Classifier
     from training.artifact import load_prompt_artifact
     from training.workflow import eval_transform
 
     run, _ = guidg_run
-    bundle = export_bundle(run.artifact, tmp_path / "bundle", exporter="torchscript")
+    bundle = guidg_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["min_reader_version"] == 2
     assert manifest["prompt_sets"] == {"names": ["a", "b"], "combine": "weighted_sum"}

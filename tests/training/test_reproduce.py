@@ -79,7 +79,7 @@ def test_multi_source_dg_on_fake_pacs(tmp_path):
 
     rng = np.random.default_rng(0)
     for d in ("art_painting", "cartoon", "photo", "sketch"):
-        for label, cls in enumerate(("dog", "guitar", "house")):
+        for cls in ("dog", "guitar", "house"):
             for i in range(5):
                 path = tmp_path / "data" / "PACS" / d / cls / f"{i}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,10 +34,12 @@ Deliberate differences from the official code:
 
 Official hyperparameters (for reproduction; the defaults here are the package's): stage 1 SGD lr 1e-4 without
 weight decay, 31 epochs, batch 32; stage 2 AdamW lr 5e-6, weight decay 0.1, 10 x 400 steps, 12 images per domain
-per step, lambda 0.3, BMA beta 0.1 in the script (0.5 in the appendix's text).
+per step, lambda 0.3, BMA beta 0.1 in the script (0.5 in the appendix's text). Augmentation is the run's
+(``TrainConfig.augment``) in both stages; the official stage 2 uses resize + center crop + RandAugment.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -51,7 +53,7 @@ from training.backbone import Backbone
 from training.errors import ConfigError
 from training.methods.base import (Capabilities, InstanceCapabilities, MethodConfig, PromptMethod, TrainBatch,
                                    TrainContext, TrainStage, init_prompt)
-from training.prompting.encoders import PromptedVisionEncoder, l2_normalize
+from training.prompting.encoders import PromptedVisionEncoder
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +172,6 @@ class GuiDG(PromptMethod):
         num_sets = len(config.domains) if config.use_experts else 1
         self._capabilities = Capabilities(num_prompt_sets=num_sets, finetuned_image_tower=True)
         # the fine-tuned image tower: a trainable copy; self.clip (and its tower) stays frozen and untouched
-        import copy
-
         del self.vision_encoder  # re-registered after ``visual`` so the tower's tensors are named ``visual.*``
         self.visual = copy.deepcopy(self.clip.visual)
         self.visual.requires_grad_(False)
@@ -209,8 +209,11 @@ class GuiDG(PromptMethod):
             raise ConfigError(f"guidg: num_classes={out['num_classes']} but the training data has {len(classnames)} "
                               f"classes; drop the option")
         out["num_classes"] = len(classnames)
-        if len(names) == 1 and out.get("use_experts", True):
-            log.warning("guidg: the training data has a single domain (%r): one expert, its weight is always 1", names[0])
+        if len(names) < 2 and out.get("use_experts", True) not in (False, "false", "False", 0):
+            raise ConfigError(
+                f"guidg trains one expert per source domain and needs at least two, but the training data has one "
+                f"domain ({names[0]!r}); train on ROOT/<domain>/<class>/ images with --target-domain (or a DomainBed "
+                f"set with --dataset), or use --set use_experts=false to fine-tune without experts")
         return out
 
     # ----------------------------------------------------------------- prompts
