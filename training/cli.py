@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, help="optimisation steps per training run")
     t.add_argument("--styles", help="comma-separated subset of clean,sketch,noisy,lowres,palette")
     t.add_argument("--num-classes", type=int, help="classes per style")
-    t.add_argument("--protocols", help="comma-separated subset of base2novel,cross_style,dg,loso (default: all)")
+    t.add_argument("--protocols", help="comma-separated subset of base2novel,cross_style,dg,loso (default: "
+                                       "base2novel,cross_style,dg; loso = leave-one-style-out multi-source DG, ~12 min)")
     t.add_argument("--loso-methods", help="methods of the leave-one-style-out protocol (default: zeroshot, "
                                           "ERM fine-tuning 'guidg[use_experts=false,loss=erm]', guidg)")
     t.add_argument("--loso-targets", help="comma-separated target styles of loso (default: every style)")

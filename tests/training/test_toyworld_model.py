@@ -74,6 +74,26 @@ def test_bench_writes_tables_and_charts_and_resumes(mini_bench):
     assert key(again["base2novel"]) == key(summary["base2novel"])
 
 
+def test_leave_one_style_out_protocol(tmp_path):
+    """Multi-source DG on the toy world: the other styles are the source domains, one target style is tested."""
+    import json
+
+    from training.toyworld.bench import BenchConfig, run_bench
+
+    methods = ("zeroshot", "guidg[use_experts=false,loss=erm]", "guidg")
+    cfg = BenchConfig(seeds=(1,), styles=("clean", "sketch", "palette"), num_classes=6, shots=4, test_per_class=3,
+                      steps=4, protocols=("loso",), loso_methods=methods, loso_targets=("palette",))
+    summary = run_bench(cfg, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["style"]) for r in rows] == [(m, "palette") for m in methods]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert "Leave-one-style-out" in (tmp_path / "results.md").read_text() and (tmp_path / "loso.png").is_file()
+    assert {r["method"] for r in summary["loso"]} == set(methods)
+    metrics = json.loads((tmp_path / "runs" / "loso" / "palette" / "guidg" / "seed1" / "artifact" /
+                          "metrics.json").read_text())
+    assert [s["stage"] for s in metrics["stages"]] == ["expert-0", "expert-1", "finetune"]  # clean, sketch
+
+
 def test_method_variant_specs_for_ablations():
     from training.errors import ConfigError
     from training.toyworld.bench import parse_method_spec
