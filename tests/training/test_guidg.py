@@ -112,6 +112,20 @@ def test_finetune_stage_touches_only_the_tower_and_the_head(backbone):
     assert not torch.equal(m.head.keys, before["head.keys"])
 
 
+def test_ablations_train_what_they_say(backbone):
+    frozen_tower = build(backbone, finetune_tower=False, averaging="none")
+    before = snapshot(frozen_tower)
+    run_stage(frozen_tower, backbone, "finetune", optimizer="adamw", lr=1e-3)
+    assert {n.split(".")[0] for n in changed(frozen_tower, before)} == {"head"}
+    uniform = build(backbone, weighting="uniform", averaging="none")
+    before = snapshot(uniform)
+    run_stage(uniform, backbone, "finetune", optimizer="adamw", lr=1e-3)
+    assert {n.split(".")[0] for n in changed(uniform, before)} == {"visual"}
+    torch.testing.assert_close(uniform.expert_weights(torch.randn(3, 32)), torch.full((3, 2), 0.5))
+    with pytest.raises(ConfigError, match="nothing to train in stage 2"):
+        build(backbone, weighting="uniform", finetune_tower=False)
+
+
 def test_the_fine_tuned_tower_starts_from_clip_and_leaves_clip_alone(backbone):
     m = build(backbone, averaging="none")
     x = torch.randn(2, 3, 32, 32)

@@ -28,6 +28,8 @@ Deliberate differences from the official code:
   the other images of the batch; ``weighting="batch_mean"`` reproduces that. Export always writes per-image weights.
 * The fine-tuned image tower, the experts, the head and its keys are all saved (``phase2.py`` never saves the
   fine-tuned encoder).
+* Ablations (not in the paper): ``weighting="uniform"`` replaces the head by 1/S (a plain ensemble of the experts);
+  ``finetune_tower=False`` trains only the head in stage 2 (the experts with CLIP's own image tower).
 * ``use_experts=False`` turns the method into the DG fine-tuning baseline GuiDG plugs into: no experts, no head,
   the image tower fine-tuned against the frozen zero-shot class embeddings of the dataset template (``loss="erm"``:
   ERM fine-tuning; ``loss="mms"`` with BMA: CLIPood).
@@ -57,7 +59,7 @@ from training.prompting.encoders import PromptedVisionEncoder
 
 log = logging.getLogger(__name__)
 
-WEIGHTINGS = ("per_sample", "batch_mean")
+WEIGHTINGS = ("per_sample", "batch_mean", "uniform")
 LOSSES = ("mms", "erm")
 AVERAGINGS = ("bma", "wiseft", "none")
 
@@ -74,7 +76,9 @@ class GuiDGConfig(MethodConfig):
     num_heads: int = 4           #: CMAttn heads (official: 4)
     loss: str = "mms"            #: mms (CLIPood's margin metric softmax) | erm
     margin: float = 0.3          #: lambda of the MMS loss (official --lam 0.3)
-    weighting: str = "per_sample"  #: per_sample (appendix Eq. 19) | batch_mean (official code's weights.mean(0))
+    #: per_sample (appendix Eq. 19) | batch_mean (official code's weights.mean(0)) | uniform (ablation: 1/S, no head)
+    weighting: str = "per_sample"
+    finetune_tower: bool = True  #: False (ablation): stage 2 trains only the head; the image tower stays CLIP's
     averaging: str = "bma"       #: bma (CLIPood's Beta moving average) | wiseft | none
     bma_beta: float = 0.5        #: BMA's Beta(beta, beta) (appendix: 0.5; official script: 0.1)
     wiseft_alpha: float = 0.5    #: WiSE-FT interpolation (0: initial tower, 1: fine-tuned)
@@ -102,6 +106,9 @@ class GuiDGConfig(MethodConfig):
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.margin < 0 or self.bma_beta <= 0 or not 0.0 <= self.wiseft_alpha <= 1.0:
             raise ValueError("margin must be >= 0, bma_beta > 0 and wiseft_alpha in [0, 1]")
+        if not self.finetune_tower and (self.weighting == "uniform" or not self.use_experts):
+            raise ValueError("finetune_tower=false leaves nothing to train in stage 2 without experts or with "
+                             "uniform weighting")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.finetune_lr <= 0 or (self.expert_lr is not None and self.expert_lr <= 0):
@@ -235,6 +242,9 @@ class GuiDG(PromptMethod):
         """[B, D] -> [B, S] weights from the fixed keys (batch-mean mode averages them over the batch)."""
         if not self.config.use_experts:
             return None
+        if self.config.weighting == "uniform":
+            num_sets = self.capabilities.num_prompt_sets
+            return image_features.new_full((image_features.shape[0], num_sets), 1.0 / num_sets)  # [B, S]
         w = self.head(image_features)  # [B, S]
         if per_sample is None:
             per_sample = self.config.weighting == "per_sample"
@@ -260,17 +270,18 @@ class GuiDG(PromptMethod):
     def enter_stage(self, stage: TrainStage, ctx: TrainContext | None) -> None:
         """Expert stages train only their context; the fine-tuning stage trains the image tower and the head."""
         self._stage = stage
-        self.visual.requires_grad_(stage.name == "finetune")
+        self.visual.requires_grad_(stage.name == "finetune" and self.config.finetune_tower)
         if self.config.use_experts:
             for i, p in enumerate(self.experts):
                 p.requires_grad_(stage.name == f"expert-{i}")
-            self.head.requires_grad_(stage.name == "finetune")
+            self.head.requires_grad_(stage.name == "finetune" and self.config.weighting != "uniform")
             self.head.keys.requires_grad_(False)
         if stage.name == "finetune" and ctx is not None:
             self.train_text = self._class_text(ctx.class_token_ids.to(self.logit_scale.device))
 
     def end_stage(self, stage: TrainStage, ctx: TrainContext | None) -> None:
-        if stage.name == "finetune" and self.config.use_experts and self.train_text is not None:
+        if (stage.name == "finetune" and self.config.use_experts and self.config.weighting != "uniform"
+                and self.train_text is not None):
             self.head.freeze_keys(self.train_text)
             log.info("guidg: head keys fixed from the %d training classes", self.train_text.shape[1])
 
@@ -320,8 +331,11 @@ class GuiDG(PromptMethod):
         if not self.config.use_experts:
             loss = ce[0].mean()
             return {"loss": loss, "ce": loss.detach(), "logits": plain[0]}
-        keys = self.head.compute_keys(text)  # [H, S, D]
-        weights = self.head(image.detach(), keys)  # [B, S]; detached inputs: the tower gets no gradient through it
+        if self.config.weighting == "uniform":
+            weights = torch.full_like(ce.t(), 1.0 / ce.shape[0])  # [B, S]
+        else:
+            keys = self.head.compute_keys(text)  # [H, S, D]
+            weights = self.head(image.detach(), keys)  # [B, S]; detached inputs: no gradient to the tower through it
         if self.config.weighting == "batch_mean":
             weights = weights.mean(dim=0, keepdim=True).expand_as(weights)
         loss = (weights.t() * ce).sum(dim=0).mean()
