@@ -20,7 +20,7 @@ from training.backbone import Backbone, create_backbone
 from training.data import (DatasetSplits, ImageListDataset, Sample, holdout_split, make_domain_balanced_loader,
                            make_loader, read_image_folder, sample_few_shot, subsample_classes)
 from training.engine import TrainConfig, evaluate, resolve_device, train
-from training.errors import ConfigError, DatasetError
+from training.errors import ArtifactError, ConfigError, DatasetError
 from training.methods import (MethodConfig, PromptMethod, TrainContext, TrainStage, create_method,
                               get_method_class)
 
@@ -114,14 +114,18 @@ def train_run(
     """
     cfg = train_config or TrainConfig()
     out_dir = Path(out_dir)
+    artifact_dir = out_dir / "artifact"
+    if artifact_dir.is_dir() and any(artifact_dir.iterdir()) and not overwrite:  # fail before training, not after
+        raise ArtifactError(f"{artifact_dir} already exists and is not empty; choose another --out or pass "
+                            f"--overwrite")
     splits_all = data_root if isinstance(data_root, DatasetSplits) else read_image_folder(data_root)
     template = template or splits_all.template
     domains = sorted({s.domain for s in splits_all.train})
     classnames = subsample_classes(dataclasses.replace(splits_all, train=[]), subsample).classnames
-    backbone = create_backbone(backbone_name, pretrained)
-    method_config = get_method_class(method_name).config_for_data(
+    method_config = get_method_class(method_name).config_for_data(  # before the (slow) backbone: fail fast
         method_config.to_dict() if isinstance(method_config, MethodConfig) else method_config, classnames,
         [d or "" for d in domains])
+    backbone = create_backbone(backbone_name, pretrained)
     method = create_method(method_name, backbone, method_config)
     class_ids = tokenize_prompts(method, backbone, classnames, template)
     metrics: dict[str, Any] = {"weights": backbone.describe_weights()}

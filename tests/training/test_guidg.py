@@ -291,8 +291,12 @@ def test_rerun_loads_finished_stages(guidg_run, caplog):
     from training.artifact import WEIGHTS_FILE
     from training.workflow import train_run
 
+    from training.errors import ArtifactError
+
     run, kwargs = guidg_run
     first = load_file(str(run.artifact / WEIGHTS_FILE))
+    with pytest.raises(ArtifactError, match="already exists.*--overwrite"):  # refused before any training
+        train_run(**kwargs)
     with caplog.at_level("INFO", logger="training.workflow"):
         again = train_run(**kwargs, overwrite=True)
     assert sum("already finished" in r.message for r in caplog.records) == 3
