@@ -18,10 +18,10 @@ from promptclip_testing import TINY, tiny_method_config  # noqa: E402
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     """A small ImageFolder (train/test) of coloured shapes at 32 px, 8 classes."""
-    from training.data import make_shapes_dataset
+    from promptclip_testing import make_shapes
 
     root = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(root, train_per_class=4, test_per_class=2, size=32, seed=0)
+    make_shapes(root, train_per_class=4, test_per_class=2, size=32, seed=0)
     return root
 
 

@@ -18,6 +18,20 @@ def tiny_method_config(method_name: str) -> dict:
     return out
 
 
+#: The classes of the session's small shapes set (some share a colour or a shape, so both matter).
+SHAPE_CLASSES = (("red", "circle"), ("red", "square"), ("blue", "circle"), ("blue", "triangle"), ("green", "star"),
+                 ("yellow", "diamond"), ("purple", "hexagon"), ("orange", "cross"))
+
+
+def make_shapes(root, *, train_per_class: int = 4, test_per_class: int = 2, size: int = 32, seed: int = 0):
+    """A small ImageFolder (``root/{train,test}/<color>_<shape>/``) of toy-world ``clean`` images of
+    :data:`SHAPE_CLASSES`; returns its :class:`~training.data.DatasetSplits`."""
+    from training.toyworld import world
+
+    return world.write_style_dataset(root, "clean", classes=SHAPE_CLASSES, train_per_class=train_per_class,
+                                     test_per_class=test_per_class, size=size, seed=seed)
+
+
 def make_fake_oxford_pets(root, classes=("abyssinian", "beagle", "boxer", "chihuahua", "pug", "sphynx"),
                           n_train: int = 4, n_test: int = 2, size: int = 32):
     """A CoOp-layout OxfordPets tree: ``root/oxford_pets/images/*.jpg`` + ``split_zhou_OxfordPets.json``."""

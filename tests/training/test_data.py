@@ -1,28 +1,22 @@
-"""Tests of training.data: folder reader, few-shot sampling, base/new split, torch datasets,
-synthetic shapes."""
+"""Tests of training.data: folder reader, few-shot sampling, base/new split, torch datasets."""
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
 
 from training.data import (
-    DEFAULT_CLASSES,
-    DEFAULT_COLORS,
     DatasetSplits,
     ImageListDataset,
     Sample,
     class_name_from_folder,
     make_loader,
-    make_shapes_dataset,
     read_image_folder,
-    render_shape,
     sample_few_shot,
     subsample_classes,
 )
@@ -366,100 +360,3 @@ def test_make_loader_defaults():
     loader = make_loader(_Range(), batch_size=2, shuffle=False)
     assert loader.pin_memory == torch.cuda.is_available()
 
-
-# --------------------------------------------------------------------------- synthetic shapes
-
-
-def test_render_shape_basic():
-    im = render_shape("star", DEFAULT_COLORS["red"], size=32, rng=np.random.default_rng(0))
-    assert im.mode == "RGB" and im.size == (32, 32)
-    again = render_shape("star", DEFAULT_COLORS["red"], size=32, rng=np.random.default_rng(0))
-    assert np.array_equal(np.asarray(im), np.asarray(again))
-    with pytest.raises(DatasetError, match="circle"):
-        render_shape("blob", (1, 2, 3), size=32, rng=np.random.default_rng(0))
-
-
-def test_synthetic_dataset_layout_and_names(tmp_path):
-    splits = make_shapes_dataset(tmp_path / "shapes", train_per_class=3, test_per_class=2, size=24)
-    assert len(splits.classnames) == len(DEFAULT_CLASSES)
-    assert sorted(splits.classnames) == splits.classnames
-    assert "red circle" in splits.classnames and "blue square" not in splits.classnames
-    assert len(splits.train) == 3 * len(DEFAULT_CLASSES) and len(splits.test) == 2 * len(DEFAULT_CLASSES)
-    assert splits.val == []
-    assert (tmp_path / "shapes" / "train" / "red_circle" / "0.png").is_file()
-    with Image.open(splits.train[0].path) as im:
-        assert im.size == (24, 24)
-
-
-def _png_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.png"))}
-
-
-def test_synthetic_dataset_deterministic(tmp_path):
-    kwargs = dict(classes=[("red", "circle"), ("blue", "square"), ("green", "triangle")],
-                  train_per_class=2, test_per_class=1, size=32)
-    make_shapes_dataset(tmp_path / "a", seed=1, **kwargs)
-    make_shapes_dataset(tmp_path / "b", seed=1, **kwargs)
-    make_shapes_dataset(tmp_path / "c", seed=2, **kwargs)
-    a, b, c = (_png_bytes(tmp_path / n) for n in "abc")
-    assert len(a) == 9 and a == b
-    assert a.keys() == c.keys() and a != c
-
-
-def test_synthetic_classes_differ(tmp_path):
-    splits = make_shapes_dataset(
-        tmp_path / "s", classes=[("red", "circle"), ("red", "square"), ("blue", "circle")],
-        train_per_class=4, test_per_class=0, size=32,
-    )
-    assert splits.classnames == ["blue circle", "red circle", "red square"]
-    arrays = {}
-    for s in splits.train:
-        with Image.open(s.path) as im:
-            arrays.setdefault(s.label, []).append(np.asarray(im.convert("RGB"), dtype=np.float32))
-    # no two images of different classes are identical
-    for la in arrays:
-        for lb in arrays:
-            if la < lb:
-                assert all(not np.array_equal(x, y) for x in arrays[la] for y in arrays[lb])
-    # colour is visible: blue circles are bluer than red circles
-    blue = np.mean([a[..., 2].mean() - a[..., 0].mean() for a in arrays[0]])
-    red = np.mean([a[..., 2].mean() - a[..., 0].mean() for a in arrays[1]])
-    assert blue > red + 10
-    # shape is visible: silhouette area / area of the circle through its farthest pixel is ~1 for a
-    # circle and 2/pi ~ 0.64 for a square, whatever the position, scale and rotation
-    def roundness(a):
-        m = (a[..., 0] > 150) & (a[..., 1] < 110) & (a[..., 2] < 110)
-        ys, xs = np.nonzero(m)
-        r = np.sqrt((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2).max() + 0.5
-        return m.sum() / (np.pi * r * r)
-
-    circles = [roundness(a) for a in arrays[1]]
-    squares = [roundness(a) for a in arrays[2]]
-    assert min(circles) > max(squares) + 0.1, (circles, squares)
-
-
-def test_synthetic_dataset_reuse_and_replace(tmp_path, caplog):
-    root = tmp_path / "s"
-    kwargs = dict(classes=[("red", "circle"), ("blue", "square")], train_per_class=2, test_per_class=1, size=16)
-    make_shapes_dataset(root, **kwargs)
-    f = root / "train" / "red_circle" / "0.png"
-    mtime = f.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="training.data.synthetic"):
-        splits = make_shapes_dataset(root, **kwargs)
-    assert "reusing" in caplog.text
-    assert f.stat().st_mtime_ns == mtime
-    assert len(splits.train) == 4
-    # other arguments replace the set (no stale class folders left behind)
-    splits = make_shapes_dataset(root, classes=[("green", "star")], train_per_class=1, test_per_class=1, size=16)
-    assert splits.classnames == ["green star"]
-    assert not (root / "train" / "red_circle").exists()
-
-
-def test_synthetic_dataset_errors(tmp_path):
-    other = tmp_path / "mine"
-    _img(other / "photo.png")
-    _assert_error(other, make_shapes_dataset, other)
-    with pytest.raises(DatasetError, match="red"):
-        make_shapes_dataset(tmp_path / "x", classes=[("pink", "circle")])
-    with pytest.raises(DatasetError, match="circle"):
-        make_shapes_dataset(tmp_path / "x", classes=[("red", "blob")])

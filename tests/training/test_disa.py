@@ -355,12 +355,12 @@ def test_gaussian_weights_clamp_prevents_all_zero_weights():
 # ------------------------------------------------------------------------------------------------ end to end
 def test_train_run_writes_saliency_figure_and_exports(tmp_path):
     from export.bundle import export_bundle
-    from training.data import make_shapes_dataset
+    from promptclip_testing import make_shapes
     from training.engine import TrainConfig
     from training.workflow import train_run
 
     root = tmp_path / "shapes"
-    make_shapes_dataset(root, train_per_class=2, test_per_class=1, size=32)
+    make_shapes(root, train_per_class=2, test_per_class=1, size=32)
     run = train_run(method_name="disa", data_root=root, out_dir=tmp_path / "run", backbone_name=TINY,
                     method_config=tiny_method_config("disa"), shots=2, progress=False,
                     train_config=TrainConfig(max_steps=2, batch_size=4, device="cpu", precision="fp32"))

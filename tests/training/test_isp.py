@@ -355,10 +355,10 @@ def test_variant_b_training_logits_are_per_image(backbone):
 # ------------------------------------------------------------------------------------------------ train -> export
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from training.data import make_shapes_dataset
+    from promptclip_testing import make_shapes
 
     root = tmp_path_factory.mktemp("isp-shapes")
-    make_shapes_dataset(root, train_per_class=2, test_per_class=1, size=32)
+    make_shapes(root, train_per_class=2, test_per_class=1, size=32)
     return root
 
 

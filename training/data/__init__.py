@@ -1,5 +1,5 @@
-"""Datasets for few-shot prompt learning: sample records, image-folder reader, torch datasets
-and a procedural coloured-shapes set."""
+"""Datasets for few-shot prompt learning: sample records, image-folder and benchmark readers, few-shot sampling,
+torch datasets and loaders (procedural test images come from :mod:`training.toyworld.world`)."""
 from __future__ import annotations
 
 from training.data.benchmarks import (
@@ -40,13 +40,6 @@ from training.data.samples import (
     sample_few_shot,
     subsample_classes,
 )
-from training.data.synthetic import (
-    DEFAULT_CLASSES,
-    DEFAULT_COLORS,
-    DEFAULT_SHAPES,
-    make_shapes_dataset,
-    render_shape,
-)
 
 __all__ = [
     "Sample",
@@ -63,11 +56,6 @@ __all__ = [
     "make_loader",
     "DomainBalancedBatches",
     "make_domain_balanced_loader",
-    "DEFAULT_CLASSES",
-    "DEFAULT_COLORS",
-    "DEFAULT_SHAPES",
-    "make_shapes_dataset",
-    "render_shape",
     "DatasetInfo",
     "DomainDatasetInfo",
     "CoopSplit",

@@ -30,7 +30,6 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from training.data.folder import read_image_folder
 from training.data.samples import DatasetSplits
-from training.data.synthetic import _unit_polygon
 from training.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -240,6 +239,29 @@ def _heart_polygon() -> tuple[tuple[float, float], ...]:
     y -= (y.max() + y.min()) / 2
     r = float(np.sqrt(x**2 + y**2).max())
     return tuple(zip((x / r).tolist(), (y / r).tolist()))
+
+
+def _unit_polygon(shape: str) -> list[tuple[float, float]]:
+    """Vertices of ``shape`` (circle excluded) around the origin, outer radius 1."""
+    if shape == "square":
+        return [(math.cos(a), math.sin(a)) for a in (math.pi / 4 + k * math.pi / 2 for k in range(4))]
+    if shape == "triangle":
+        return [(math.cos(a), math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
+    if shape == "hexagon":
+        return [(math.cos(a), math.sin(a)) for a in (k * math.pi / 3 for k in range(6))]
+    if shape == "diamond":  # an elongated rhombus, so it stays distinct from a rotated square
+        return [(0.0, -1.0), (0.55, 0.0), (0.0, 1.0), (-0.55, 0.0)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            r = 1.0 if k % 2 == 0 else 0.42
+            a = -math.pi / 2 + k * math.pi / 5
+            pts.append((r * math.cos(a), r * math.sin(a)))
+        return pts
+    if shape == "cross":
+        w = 0.33
+        return [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+    raise DatasetError(f"unknown shape {shape!r}: expected one of {', '.join(SHAPES)}")
 
 
 def _polygon(shape: str) -> list[tuple[float, float]]:
