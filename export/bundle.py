@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from export.onnx_export import DEFAULT_OPSET, MIN_COSINE, ImageGraph, TextGraph, export_checked
+from export.onnx_export import DEFAULT_OPSET, MIN_COSINE, ImageGraph, TextGraph, export_checked, ort_session
 from serving import format as fmt
 from serving.bundle import load_bundle, sha256_file
 from serving.tokenizer import ClipTokenizer, default_vocab_path
@@ -99,7 +99,8 @@ def export_bundle(
         image_entry = export_checked(image_graph, tmp / fmt.IMAGE_GRAPH_FILE, image_input,
                                      input_name=fmt.IMAGE_INPUT, output_name=image_graph.output_names,
                                      exporter=exporter, opset=opset)
-        text_entries, embeddings, class_parity = [], [], []
+        probe_ids = tokenizer([template.format(n) for n in PROBE_CLASSES])  # [P, L]: classes added at runtime
+        text_entries, embeddings, probe_embeddings, class_parity = [], [], [], []
         for k in range(num_sets):
             text_file = fmt.text_graph_file(k, num_sets)
             text_graph = TextGraph(method, k)
@@ -108,7 +109,9 @@ def export_bundle(
             entry["file"] = text_file
             with torch.no_grad():
                 emb = torch.cat([text_graph(token_ids[i:i + 256]) for i in range(0, len(names), 256)]).float().numpy()
-            class_parity.append(_class_embedding_parity(tmp / text_file, token_ids.numpy(), emb))
+            text_sess = ort_session(tmp / text_file)
+            class_parity.append(_class_embedding_parity(text_sess, token_ids.numpy(), emb))
+            probe_embeddings.append(text_sess.run(None, {fmt.TEXT_INPUT: probe_ids})[0])  # [P, D], as serving would
             text_entries.append(entry)
             embeddings.append(np.ascontiguousarray(emb, dtype=np.float32))  # [C, D]
         from safetensors.numpy import save_file
@@ -116,8 +119,8 @@ def export_bundle(
         save_file({fmt.class_embeddings_key(k, num_sets): e for k, e in enumerate(embeddings)},
                   str(tmp / fmt.CLASS_EMBEDDINGS_FILE))
         shutil.copyfile(vocab, tmp / fmt.VOCAB_FILE)
-        logits_parity = _logits_parity(method, tmp, image_graph, image_input, token_ids, embeddings,
-                                       torch.from_numpy(tokenizer([template.format(n) for n in PROBE_CLASSES])))
+        logits_parity = _logits_parity(method, tmp, image_input, token_ids, embeddings, torch.from_numpy(probe_ids),
+                                       probe_embeddings)
 
         image_entry["file"] = fmt.IMAGE_GRAPH_FILE
         image_entry["sha256"] = sha256_file(tmp / fmt.IMAGE_GRAPH_FILE)
@@ -170,23 +173,16 @@ def export_bundle(
 PROBE_CLASSES = ("a completely new class", "zebra crossing sign")
 
 
-def _logits_parity(method: Any, bundle_dir: Path, image_graph: ImageGraph, image_input, token_ids: torch.Tensor,
-                   embeddings: list[np.ndarray], probe_ids: torch.Tensor) -> dict[str, Any]:
+def _logits_parity(method: Any, bundle_dir: Path, image_input, token_ids: torch.Tensor, embeddings: list[np.ndarray],
+                   probe_ids: torch.Tensor, probe_embeddings: list[np.ndarray]) -> dict[str, Any]:
     """End-to-end check: logits computed the way serving does (ONNX image graph + precomputed class embeddings +
-    the ONNX text graphs for classes added at runtime, combined per ``serving.format``) against the torch method's
-    logits for the same images and classes. Fails past cosine 0.9999 per image row."""
-    from export.onnx_export import ort_session
-
+    the ONNX text graphs' embeddings of classes added at runtime, combined per ``serving.format``) against the torch
+    method's logits for the same images and classes. Fails past cosine 0.9999 per image row."""
     images = image_input(3)  # [3, 3, H, W]
-    sess = ort_session(bundle_dir / fmt.IMAGE_GRAPH_FILE)
-    outs = sess.run(None, {fmt.IMAGE_INPUT: images.numpy()})
+    outs = ort_session(bundle_dir / fmt.IMAGE_GRAPH_FILE).run(None, {fmt.IMAGE_INPUT: images.numpy()})
     f = outs[0]  # [B, D]
     weights = outs[1] if len(outs) > 1 else np.ones((f.shape[0], 1), np.float32)  # [B, S]
-    per_set = []
-    for k, emb in enumerate(embeddings):
-        text_sess = ort_session(bundle_dir / fmt.text_graph_file(k, len(embeddings)))
-        extra = text_sess.run(None, {fmt.TEXT_INPUT: probe_ids.numpy()})[0]  # [P, D]: runtime-added classes
-        per_set.append(f @ np.concatenate([emb, extra]).T)  # [B, C + P]
+    per_set = [f @ np.concatenate([emb, extra]).T for emb, extra in zip(embeddings, probe_embeddings)]  # S x [B, C+P]
     got = float(method.logit_scale) * np.einsum("bsc,bs->bc", np.stack(per_set, 1), weights)
     with torch.no_grad():
         feats = method.encode_image(images)
@@ -202,11 +198,9 @@ def _logits_parity(method: Any, bundle_dir: Path, image_graph: ImageGraph, image
             "num_classes": int(token_ids.shape[0]), "runtime_classes": len(PROBE_CLASSES)}
 
 
-def _class_embedding_parity(text_graph: Path, token_ids: np.ndarray, torch_emb: np.ndarray) -> dict[str, float]:
-    """The precomputed embeddings must equal what the exported text graph computes for the same names."""
-    from export.onnx_export import ort_session
-
-    sess = ort_session(text_graph)
+def _class_embedding_parity(sess, token_ids: np.ndarray, torch_emb: np.ndarray) -> dict[str, float]:
+    """The precomputed embeddings must equal what the exported text graph (ORT session ``sess``) computes for the
+    same names."""
     got = np.concatenate([sess.run(None, {fmt.TEXT_INPUT: token_ids[i:i + 256]})[0] for i in range(0, len(token_ids), 256)])
     cos = float(np.min(np.sum(got * torch_emb, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(torch_emb, axis=-1))))
     max_abs = float(np.abs(got - torch_emb).max())

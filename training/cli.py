@@ -95,20 +95,26 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict(values)
 
 
+def _data_arg(args: argparse.Namespace, *, seed: int) -> Any:
+    """``--data``, or with ``--target-domain`` the multi-source DG task read from it (the other domains train, one
+    source domain each; the target's holdout split tests)."""
+    if args.target_domain:
+        from training.data import multi_source_task
+
+        return multi_source_task(args.data, args.target_domain, dataset=args.dataset, seed=seed)
+    if args.dataset:
+        raise PromptclipError("--dataset names a multi-domain dataset and needs --target-domain (the held-out domain)")
+    return args.data
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from training.workflow import train_run
 
-    data: Any = args.data
+    data = _data_arg(args, seed=args.seed or 0)
     subsample = args.subsample
-    if args.target_domain:  # multi-source DG: the other domains train (one source domain each), the target tests
-        from training.data import multi_source_task
-
-        data = multi_source_task(args.data, args.target_domain, dataset=args.dataset, seed=args.seed or 0)
-        if subsample != "all":
-            log.info("--target-domain: training on every class (--subsample all)")
+    if args.target_domain and subsample != "all":
+        log.info("--target-domain: training on every class (--subsample all)")
         subsample = "all"
-    elif args.dataset:
-        raise PromptclipError("--dataset names a multi-domain dataset and needs --target-domain (the held-out domain)")
     res = train_run(method_name=args.method, data_root=data, out_dir=args.out, backbone_name=args.backbone,
                     pretrained=args.pretrained, method_config=_parse_sets(args.set), train_config=_train_config(args),
                     shots=args.shots, subsample=subsample, template=args.template,
@@ -121,13 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from training.workflow import evaluate_artifact
 
-    data: Any = args.data
-    if args.target_domain:
-        from training.data import multi_source_task
-
-        data = multi_source_task(args.data, args.target_domain, dataset=args.dataset, seed=args.seed)
-    elif args.dataset:
-        raise PromptclipError("--dataset names a multi-domain dataset and needs --target-domain (the held-out domain)")
+    data = _data_arg(args, seed=args.seed)
     res = evaluate_artifact(args.artifact, data, subsample=args.subsample, split=args.split,
                             batch_size=args.batch_size, device=args.device, pretrained=args.pretrained)
     print(json.dumps(res, indent=2))

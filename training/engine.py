@@ -170,12 +170,28 @@ def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch
     opt.load_state_dict(sd)
 
 
+def stage_tensors(method: PromptMethod) -> dict[str, torch.Tensor]:
+    """CPU copies of the tensors the current stage trains (what checkpoints and finished-stage files hold)."""
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in method.trainable_parameters().items()}
+
+
+def load_stage_tensors(method: PromptMethod, saved: dict[str, torch.Tensor], source: Path, what: str) -> None:
+    """Copy ``saved`` (from :func:`stage_tensors`) into the current stage's tensors; names and shapes must match."""
+    own = method.trainable_parameters()
+    if set(saved) != set(own) or any(tuple(saved[n].shape) != tuple(p.shape) for n, p in own.items()):
+        raise ConfigError(f"{source} holds {what} of other tensors than this run trains (another method config or "
+                          f"stage); use another --out directory or delete {source}")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
+
+
 def save_checkpoint(out_dir: Path, method: PromptMethod, opt: torch.optim.Optimizer, *, epoch: int, step: int,
                     history: list[dict[str, float]]) -> None:
     """Atomically write the resume checkpoint (the tensors this stage trains + optimizer state + counters)."""
     from safetensors.torch import save_file
 
-    tensors = {f"param.{k}": p.detach().to("cpu").contiguous().clone() for k, p in method.trainable_parameters().items()}
+    tensors = {f"param.{k}": v for k, v in stage_tensors(method).items()}
     tensors.update(_optimizer_tensors(opt))
     tmp = out_dir / (CHECKPOINT_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp))
@@ -198,13 +214,7 @@ def load_checkpoint(out_dir: Path, method: PromptMethod, opt: torch.optim.Optimi
                           f"use another --out directory")
     tensors = load_file(str(wpath))
     saved = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
-    own = method.trainable_parameters()
-    if set(saved) != set(own) or any(tuple(saved[n].shape) != tuple(p.shape) for n, p in own.items()):
-        raise ConfigError(f"{out_dir} holds a checkpoint of other tensors than this run trains (another method "
-                          f"config or stage); use another --out directory or delete {out_dir}")
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(saved[n].to(p.device, p.dtype))
+    load_stage_tensors(method, saved, out_dir, "a checkpoint")
     _load_optimizer_tensors(opt, tensors)
     return state
 

@@ -19,8 +19,8 @@ from training.artifact import PromptArtifact, load_prompt_artifact, save_prompt_
 from training.backbone import Backbone, create_backbone
 from training.data import (DatasetSplits, ImageListDataset, Sample, holdout_split, make_domain_balanced_loader,
                            make_loader, read_image_folder, sample_few_shot, subsample_classes)
-from training.engine import TrainConfig, evaluate, resolve_device, train
-from training.errors import ArtifactError, ConfigError, DatasetError
+from training.engine import TrainConfig, evaluate, load_stage_tensors, resolve_device, stage_tensors, train
+from training.errors import ArtifactError, DatasetError
 from training.methods import (MethodConfig, PromptMethod, TrainContext, TrainStage, create_method,
                               get_method_class)
 
@@ -129,8 +129,7 @@ def train_run(
     method = create_method(method_name, backbone, method_config)
     class_ids = tokenize_prompts(method, backbone, classnames, template)
     metrics: dict[str, Any] = {"weights": backbone.describe_weights()}
-    all_stage = TrainStage("all")
-    train_samples = _stage_samples(all_stage, splits_all, shots, cfg.seed, subsample, few_shot_cache)
+    train_samples = _stage_samples(TrainStage("all"), splits_all, shots, cfg.seed, subsample, few_shot_cache)
     if method.capabilities.trainable:
         device = resolve_device(cfg.device)
         method.to(device)
@@ -143,7 +142,7 @@ def train_run(
         stages = method.training_stages()
         stage_metrics = []
         for stage in stages:
-            samples = train_samples if stage == all_stage or (stage.domains is None and stage.part == "all") else \
+            samples = train_samples if stage.domains is None and stage.part == "all" else \
                 _stage_samples(stage, splits_all, shots, cfg.seed, subsample, few_shot_cache)
             result = _run_stage(method, stage, ctx, samples, backbone, class_ids, cfg, out_dir, progress,
                                 name=stage.name if len(stages) > 1 else None)
@@ -209,14 +208,7 @@ def _run_stage(method: PromptMethod, stage: TrainStage, ctx: TrainContext, sampl
     done = ckpt / "stage_done.safetensors"
     method.enter_stage(stage, ctx)
     if done.is_file():  # resumed run: this stage's final (post-averaging) tensors
-        saved = load_file(str(done))
-        own = method.trainable_parameters()
-        if set(saved) != set(own) or any(tuple(saved[n].shape) != tuple(p.shape) for n, p in own.items()):
-            raise ConfigError(f"{ckpt} holds a finished stage {stage.name!r} of other tensors than this run trains "
-                              f"(another method config?); use another --out directory or delete {ckpt}")
-        with torch.no_grad():
-            for n, p in method.trainable_parameters().items():
-                p.copy_(saved[n].to(p.device, p.dtype))
+        load_stage_tensors(method, load_file(str(done)), ckpt, f"a finished stage {stage.name!r}")
         method.end_stage(stage, ctx)
         log.info("stage %s already finished in %s; loaded its result", stage.name, ckpt)
         return json.loads((ckpt / "stage_done.json").read_text())
@@ -242,8 +234,7 @@ def _run_stage(method: PromptMethod, stage: TrainStage, ctx: TrainContext, sampl
     summary = {"train_steps": result.steps, "train_seconds": round(result.seconds, 2),
                "train_images_per_second": round(result.images_per_second, 1), "final_loss": result.final_loss,
                "train_accuracy": result.train_accuracy}
-    save_file({n: p.detach().cpu().contiguous() for n, p in method.trainable_parameters().items()},
-              str(done.with_suffix(".tmp")))
+    save_file(stage_tensors(method), str(done.with_suffix(".tmp")))
     (ckpt / "stage_done.json").write_text(json.dumps(summary))
     os.replace(done.with_suffix(".tmp"), done)
     return summary

@@ -194,18 +194,23 @@ def make_manifest(root: Path, class_names: Sequence[str], templates: Sequence[st
     }
 
 
+def _new_bundle_dir(tmp_path_factory, name: str):
+    """An empty bundle directory holding the CLIP vocabulary, and the tokenizer reading it."""
+    from serving.tokenizer import ClipTokenizer, default_vocab_path
+
+    root = tmp_path_factory.mktemp(name) / "bundle"
+    root.mkdir()
+    shutil.copyfile(default_vocab_path(), root / VOCAB_FILE)
+    return root, ClipTokenizer(root / VOCAB_FILE, context_length=CONTEXT_LENGTH)
+
+
 @pytest.fixture(scope="session")
 def synthetic_bundle(tmp_path_factory) -> SyntheticBundle:
     """Build the synthetic bundle once per session."""
     import torch
     from safetensors.numpy import save_file
 
-    from serving.tokenizer import ClipTokenizer, default_vocab_path
-
-    root = tmp_path_factory.mktemp("synthetic") / "bundle"
-    root.mkdir()
-    shutil.copyfile(default_vocab_path(), root / VOCAB_FILE)
-    tokenizer = ClipTokenizer(root / VOCAB_FILE, context_length=CONTEXT_LENGTH)
+    root, tokenizer = _new_bundle_dir(tmp_path_factory, "synthetic")
     image_module, text_module = _build_modules(tokenizer.vocab_size)
     _export(image_module, torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), root / IMAGE_GRAPH_FILE, IMAGE_INPUT,
             IMAGE_OUTPUT)
@@ -232,12 +237,7 @@ def multiset_bundle(tmp_path_factory) -> MultiSetBundle:
     import torch
     from safetensors.numpy import save_file
 
-    from serving.tokenizer import ClipTokenizer, default_vocab_path
-
-    root = tmp_path_factory.mktemp("multiset") / "bundle"
-    root.mkdir()
-    shutil.copyfile(default_vocab_path(), root / VOCAB_FILE)
-    tokenizer = ClipTokenizer(root / VOCAB_FILE, context_length=CONTEXT_LENGTH)
+    root, tokenizer = _new_bundle_dir(tmp_path_factory, "multiset")
     num_sets = len(MULTISET_TEMPLATES)
     image_module = _build_expert_image_module()
     text_modules = [_build_modules(tokenizer.vocab_size, seed=10 + k)[1] for k in range(num_sets)]

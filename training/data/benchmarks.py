@@ -897,6 +897,11 @@ def _imagenet_dg_layout(base: str) -> str:
     )
 
 
+def is_imagenet_dg(name: str) -> bool:
+    """Whether ``name`` names GuiDG's ImageNet-DG (``imagenet-dg``, ``ImageNet_DG``, ...)."""
+    return _key(name) == "imagenetdg"
+
+
 def multi_source_task(root: str | os.PathLike, target: str, *, dataset: str | None = None, test_fraction: float = 0.2,
                       seed: int = 0) -> DatasetSplits:
     """A multi-source DG task (GuiDG's protocols) as one :class:`DatasetSplits` with domain-tagged training samples.
@@ -906,7 +911,7 @@ def multi_source_task(root: str | os.PathLike, target: str, *, dataset: str | No
     -Sketch, -V2; ``target`` a, i or r; tested on the whole target). Otherwise the target domain is left out and
     tested on its ``test_fraction`` holdout split (GuiDG: 20%).
     """
-    if dataset is not None and _key(dataset) in ("imagenetdg", "imagenetdggguidg"):
+    if dataset is not None and is_imagenet_dg(dataset):
         sources, tgt = read_imagenet_dg(root, target)
         train = [s for split in sources.values() for s in split.train]
         return DatasetSplits(classnames=tgt.classnames, train=train, test=tgt.test, name=tgt.name,

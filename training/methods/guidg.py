@@ -216,7 +216,7 @@ class GuiDG(PromptMethod):
             raise ConfigError(f"guidg: num_classes={out['num_classes']} but the training data has {len(classnames)} "
                               f"classes; drop the option")
         out["num_classes"] = len(classnames)
-        if len(names) < 2 and out.get("use_experts", True) not in (False, "false", "False", 0):
+        if len(names) < 2 and out.get("use_experts", True):
             raise ConfigError(
                 f"guidg trains one expert per source domain and needs at least two, but the training data has one "
                 f"domain ({names[0]!r}); train on ROOT/<domain>/<class>/ images with --target-domain (or a DomainBed "
@@ -326,7 +326,8 @@ class GuiDG(PromptMethod):
         else:
             feats = image.unsqueeze(0).expand(text.shape[0], -1, -1)  # [S, B, D]
         per_set = self.logit_scale * torch.einsum("sbd,scd->sbc", feats, text)  # [S, B, C]
-        ce = torch.stack([F.cross_entropy(per_set[s], labels, reduction="none") for s in range(text.shape[0])])  # [S, B]
+        num_sets, batch = per_set.shape[:2]
+        ce = F.cross_entropy(per_set.flatten(0, 1), labels.repeat(num_sets), reduction="none").view(num_sets, batch)
         plain = self.logit_scale * torch.einsum("bd,scd->sbc", image.detach(), text)  # [S, B, C], for accuracy
         if not self.config.use_experts:
             loss = ce[0].mean()

@@ -145,11 +145,10 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, *, progress: bool = Tru
                 runs.add({"run_id": f"{cfg.protocol}/{target}/seed{seed}", "dataset": target, "seed": seed,
                           "method": cfg.method, "accuracy": r["accuracy"]})
     elif cfg.protocol == "multi-source-dg":
-        from training.data import IMAGENET_DG_TARGETS, dataset_domains, multi_source_task
+        from training.data import IMAGENET_DG_TARGETS, dataset_domains, is_imagenet_dg, multi_source_task
 
         for name in cfg.datasets or DEFAULT_MULTI_SOURCE:
-            imagenet_dg = name.lower().replace("-", "").replace("_", "") == "imagenetdg"
-            targets = list(IMAGENET_DG_TARGETS) if imagenet_dg else dataset_domains(name)
+            targets = list(IMAGENET_DG_TARGETS) if is_imagenet_dg(name) else dataset_domains(name)
             for seed in cfg.seeds:
                 for target in targets:
                     run_id = f"multi-source-dg/{name}/{target}/seed{seed}"
