@@ -87,3 +87,27 @@ def text_graph_file(prompt_set: int, num_prompt_sets: int) -> str:
 def class_embeddings_key(prompt_set: int, num_prompt_sets: int) -> str:
     """Key of ``prompt_set``'s class embeddings inside ``class_embeddings.safetensors``."""
     return "class_embeddings" if num_prompt_sets == 1 else f"class_embeddings_{prompt_set}"
+
+
+# -- class names -------------------------------------------------------------------------------------------------
+# The one class-name rule, used by the dataset readers (folder and split-file names), export (the bundle's class
+# list) and the service (classes added at runtime), so that a class gets the same text whichever way it arrives.
+
+
+def canonical_class_name(raw: str) -> str:
+    """The canonical text of a class name: underscores become spaces, surrounding whitespace is stripped and runs
+    of whitespace collapse to one space. Case is kept as written (it is what users see back).
+
+    ``"golden_retriever"``, ``" golden  retriever "`` and ``"golden retriever"`` are one class. Validation (empty
+    names, control characters, length) is the caller's: this function only rewrites.
+    """
+    return " ".join(str(raw).replace("_", " ").split())
+
+
+def class_name_key(name: str) -> str:
+    """Identity of a class name for duplicate checks: its canonical text, case-folded.
+
+    CLIP's tokenizer lowercases its input, so ``"Golden Retriever"`` and ``"golden retriever"`` get the same
+    embedding: two names with the same key are the same class.
+    """
+    return canonical_class_name(name).casefold()
