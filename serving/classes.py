@@ -53,8 +53,6 @@ _BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})  # control, format (zero-width, 
 class ClassStateError(PromptclipError):
     """The persisted class state (``classes.json``) is unreadable, corrupt, or cannot be written."""
 
-    http_status = 500
-
 
 def _preview(name: str, limit: int = 60) -> str:
     return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"

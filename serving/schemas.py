@@ -2,7 +2,7 @@
 
 Request models forbid unknown fields, so a misspelt parameter (``topk``) is an error rather than
 silently ignored. Every error response has the :class:`ErrorResponse` shape
-(:meth:`serving.errors.PromptclipError.to_dict`).
+(:func:`serving.http_errors.error_body`).
 """
 from __future__ import annotations
 

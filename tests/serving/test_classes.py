@@ -14,6 +14,7 @@ import pytest
 
 from serving.classes import STATE_FILE, ClassRegistry, ClassStateError
 from serving.errors import BundleError, ClassNameError, RequestError, UnknownClassError
+from serving.http_errors import http_status
 from serving.tokenizer import ClipTokenizer, default_vocab_path
 
 TEMPLATE = "a photo of a {}."
@@ -60,7 +61,7 @@ def test_normalize_rejects(make, name, pattern):
     with pytest.raises(ClassNameError, match=pattern) as info:
         make().normalize_name(name, field="classes")
     assert info.value.field == "classes"
-    assert info.value.http_status == 422
+    assert http_status(info.value) == 422
 
 
 def test_too_many_tokens_is_refused_with_count_and_limit(make):
@@ -121,7 +122,7 @@ def test_remove_unknown_and_remove_all(make):
         reg.remove(["dgo"])
     msg = str(info.value)
     assert "'dgo'" in msg and "did you mean 'dog'" in msg and "'cat'" in msg
-    assert info.value.http_status == 404
+    assert http_status(info.value) == 404
     with pytest.raises(ClassNameError, match="at least one class must remain"):
         reg.remove(INITIAL)
     assert reg.names() == INITIAL
@@ -159,7 +160,7 @@ def test_corrupt_state_file_is_refused_and_kept(make, tmp_path, content):
         make(tmp_path)
     msg = str(info.value)
     assert str(path) in msg and "Move it away" in msg
-    assert info.value.http_status == 500
+    assert http_status(info.value) == 500
     assert path.read_text() == content  # never overwritten
 
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from serving.errors import BundleError, ImageDecodeError
+from serving.http_errors import http_status
 from serving.preprocess import PreprocessConfig, decode_image, preprocess
 
 open_clip_transform = pytest.importorskip("open_clip.transform")
@@ -256,7 +257,7 @@ def _assert_decode_error(data: bytes, needle: str, **kwargs) -> ImageDecodeError
     with pytest.raises(ImageDecodeError) as info:
         decode_image(data, **kwargs)
     assert needle.lower() in str(info.value).lower(), str(info.value)
-    assert info.value.field == "image" and info.value.http_status == 400
+    assert info.value.field == "image" and http_status(info.value) == 400
     return info.value
 
 

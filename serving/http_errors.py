@@ -1,0 +1,74 @@
+"""How promptclip errors are answered over HTTP: one table from error type to status code, and the JSON body.
+
+The errors themselves (:mod:`serving.errors`) know nothing about HTTP. :func:`http_status` looks the error's
+class up in :data:`STATUS_BY_ERROR`, most specific class first (a :class:`~serving.errors.PayloadTooLargeError`
+is a :class:`~serving.errors.RequestError` but answers 413, not 422); an error type the table does not name
+(e.g. a training error) answers :data:`DEFAULT_STATUS`. Every error body has the
+:class:`~serving.schemas.ErrorResponse` shape.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from starlette.responses import JSONResponse
+
+from .classes import ClassStateError
+from .errors import (
+    AuthError,
+    BundleError,
+    ClassNameError,
+    ImageDecodeError,
+    PayloadTooLargeError,
+    PromptclipError,
+    RequestError,
+    RuntimeUnavailableError,
+    ServiceConfigError,
+    UnknownClassError,
+    UnsupportedMediaTypeError,
+)
+
+__all__ = ["STATUS_BY_ERROR", "DEFAULT_STATUS", "http_status", "error_body", "error_response"]
+
+#: Status of a :class:`~serving.errors.PromptclipError` subclass the table does not name: the client's input is wrong.
+DEFAULT_STATUS = 400
+
+#: Error type -> HTTP status. Server-side faults (a broken bundle, state file or configuration) are 5xx.
+STATUS_BY_ERROR: Mapping[type[PromptclipError], int] = MappingProxyType({
+    PromptclipError: DEFAULT_STATUS,
+    ImageDecodeError: 400,
+    AuthError: 401,
+    UnknownClassError: 404,
+    PayloadTooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    ClassNameError: 422,
+    RequestError: 422,
+    BundleError: 500,
+    ClassStateError: 500,
+    RuntimeUnavailableError: 500,
+    ServiceConfigError: 500,
+})
+
+
+def http_status(exc: PromptclipError) -> int:
+    """The status ``exc`` is answered with: its most specific class in :data:`STATUS_BY_ERROR`."""
+    for cls in type(exc).__mro__:
+        status = STATUS_BY_ERROR.get(cls)
+        if status is not None:
+            return status
+    return DEFAULT_STATUS
+
+
+def error_body(exc: PromptclipError) -> dict[str, str]:
+    """JSON body of the error response: ``{"error": <type name>, "message": ..., "field": ...}`` (``field`` when
+    the error names the input at fault)."""
+    out = {"error": type(exc).__name__, "message": str(exc)}
+    if exc.field is not None:
+        out["field"] = exc.field
+    return out
+
+
+def error_response(exc: PromptclipError) -> JSONResponse:
+    """The complete HTTP answer to ``exc``: status, JSON body, and ``WWW-Authenticate`` for an :class:`AuthError`."""
+    headers = {"WWW-Authenticate": 'Bearer realm="promptclip"'} if isinstance(exc, AuthError) else None
+    return JSONResponse(error_body(exc), status_code=http_status(exc), headers=headers)

@@ -1,0 +1,91 @@
+"""The HTTP service's configuration, read from ``PROMPTCLIP_*`` environment variables.
+
+* ``PROMPTCLIP_BUNDLE`` (required): deploy bundle directory written by ``promptclip export``.
+* ``PROMPTCLIP_STATE_DIR``: directory persisting runtime class changes (shared by all workers);
+  unset = changes live in memory of each worker and are lost on restart.
+* ``PROMPTCLIP_API_TOKEN``: when set, ``/add_classes`` and ``/remove_classes`` need
+  ``Authorization: Bearer <token>``; reads stay open.
+* ``PROMPTCLIP_MAX_UPLOAD_BYTES``: largest request body (default 32 MiB; answered with 413).
+* ``PROMPTCLIP_MAX_BATCH_IMAGES`` (default 32), ``PROMPTCLIP_RUNTIME`` (``auto``/``ort``),
+  ``PROMPTCLIP_THREADS`` (request threads per worker, read when the service module is imported; default 4).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ServiceConfigError
+
+__all__ = ["ServiceSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_BATCH_IMAGES", "DEFAULT_THREADS",
+           "max_upload_bytes_from_env", "threads_from_env"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_BATCH_IMAGES = 32
+DEFAULT_THREADS = 4
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ServiceConfigError(
+            f"{name}={raw!r} is not an integer; set it to a whole number (e.g. {default})") from None
+    if value < minimum:
+        raise ServiceConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Service configuration, normally from ``PROMPTCLIP_*`` environment variables."""
+
+    bundle: Path
+    state_dir: Path | None = None
+    api_token: str | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
+    runtime: str = "auto"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
+        """Read the settings; raises :class:`ServiceConfigError` when ``PROMPTCLIP_BUNDLE`` is unset or a value is
+        bad."""
+        env = os.environ if environ is None else environ
+        bundle = env.get("PROMPTCLIP_BUNDLE", "").strip()
+        if not bundle:
+            raise ServiceConfigError(
+                "PROMPTCLIP_BUNDLE is not set: point it at the deploy bundle directory written by `promptclip export` "
+                "(e.g. PROMPTCLIP_BUNDLE=/models/my-bundle bentoml serve serving.service:PromptclipService)")
+        token = env.get("PROMPTCLIP_API_TOKEN")
+        if token is not None and not token.strip():
+            logger.warning("PROMPTCLIP_API_TOKEN is set but empty: treating it as unset")
+            token = None
+        state_dir = env.get("PROMPTCLIP_STATE_DIR", "").strip()
+        return cls(
+            bundle=Path(bundle),
+            state_dir=Path(state_dir) if state_dir else None,
+            api_token=token.strip() if token else None,
+            max_upload_bytes=max_upload_bytes_from_env(env),
+            max_batch_images=_env_int(env, "PROMPTCLIP_MAX_BATCH_IMAGES", DEFAULT_MAX_BATCH_IMAGES),
+            runtime=env.get("PROMPTCLIP_RUNTIME", "auto").strip() or "auto",
+        )
+
+
+def max_upload_bytes_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``PROMPTCLIP_MAX_UPLOAD_BYTES`` (default 32 MiB)."""
+    env = os.environ if environ is None else environ
+    return _env_int(env, "PROMPTCLIP_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)
+
+
+def threads_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``PROMPTCLIP_THREADS``: request threads per worker (default 4)."""
+    env = os.environ if environ is None else environ
+    return _env_int(env, "PROMPTCLIP_THREADS", DEFAULT_THREADS)
