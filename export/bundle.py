@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def normalize_class_names(names: Sequence[str]) -> list[str]:
-    """Strip/collapse whitespace, turn underscores into spaces, refuse empties and duplicates."""
+    """The names in canonical form (:func:`serving.format.canonical_class_name`); refuse empties and duplicates."""
     out: list[str] = []
     for raw in names:
-        name = " ".join(str(raw).replace("_", " ").split())
+        name = fmt.canonical_class_name(raw)
         if not name:
             raise ExportError(f"empty class name in the class list ({raw!r}); remove it")
         if name in out:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import BundleError, ClassNameError, PromptclipError, RequestError, UnknownClassError
+from .format import canonical_class_name, class_name_key
 
 try:
     import fcntl
@@ -151,7 +152,8 @@ class ClassRegistry:
     # -- validation ----------------------------------------------------------------------------
 
     def normalize_name(self, name: str, *, field: str = "names") -> str:
-        """Strip ``name`` and collapse its internal whitespace; refuse names that cannot be served.
+        """``name`` in canonical form (:func:`serving.format.canonical_class_name`: underscores become spaces,
+        whitespace is stripped and collapsed, case is kept); refuse names that cannot be served.
 
         Raises:
             ClassNameError: not a string, empty, containing control/format characters or CLIP's
@@ -160,10 +162,10 @@ class ClassRegistry:
         """
         if not isinstance(name, str):
             raise ClassNameError(f"class names must be strings, got {type(name).__name__} {name!r:.60}", field=field)
-        text = " ".join(name.split())
+        text = canonical_class_name(name)
         if not text:
-            raise ClassNameError(f"class name {_preview(name)} is empty after trimming whitespace; give a non-empty name",
-                                 field=field)
+            raise ClassNameError(f"class name {_preview(name)} is empty after trimming underscores and whitespace; "
+                                 "give a non-empty name", field=field)
         bad = [c for c in text if unicodedata.category(c) in _BAD_CATEGORIES]
         if bad:
             codes = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(bad))
@@ -174,10 +176,10 @@ class ClassRegistry:
             raise ClassNameError(
                 f"class name {_preview(text)} is {len(text)} characters long; the limit is {MAX_NAME_CHARS}",
                 field=field)
-        lowered = text.lower()
+        lowered = name.lower()  # as written: the canonical form has rewritten the tokens' underscores
         for token in _RESERVED_TOKENS:
             if token in lowered:
-                raise ClassNameError(f"class name {_preview(text)} contains CLIP's reserved token {token!r}; remove it",
+                raise ClassNameError(f"class name {_preview(name)} contains CLIP's reserved token {token!r}; remove it",
                                      field=field)
         n = self._tokenizer.num_tokens(self._template.format(text))
         if n > self._context_length:
@@ -201,7 +203,8 @@ class ClassRegistry:
         if dups:
             raise ClassNameError(
                 f"{field} lists {', '.join(map(_preview, dups))} more than once "
-                "(after whitespace normalisation); give each name once", field=field)
+                "(after normalisation: underscores and runs of whitespace become one space); give each name once",
+                field=field)
         return out
 
     def _check_initial(self, names: Sequence[str]) -> list[str]:
@@ -234,6 +237,7 @@ class ClassRegistry:
                 raise ClassNameError(
                     f"class(es) already registered: {', '.join(map(_preview, already[:10]))}; "
                     "remove them from the request", field="names")
+            _warn_case_twins(self._names, new)
             total = len(self._names) + len(new)
             if total > self.max_classes:
                 raise RequestError(
@@ -257,7 +261,7 @@ class ClassRegistry:
         for n in names:
             if not isinstance(n, str):
                 raise ClassNameError(f"class names must be strings, got {type(n).__name__} {n!r:.60}")
-        wanted = [" ".join(n.split()) for n in names]
+        wanted = [canonical_class_name(n) for n in names]
         if len(set(wanted)) != len(wanted):
             dups = [n for n in dict.fromkeys(wanted) if wanted.count(n) > 1]
             raise ClassNameError(f"names lists {', '.join(map(_preview, dups))} more than once; give each name once")
@@ -428,6 +432,17 @@ class ClassRegistry:
 
     def __repr__(self) -> str:
         return f"ClassRegistry({len(self)} classes, version {self.version}, state={str(self.state_path)!r})"
+
+
+def _warn_case_twins(registered: Sequence[str], new: Sequence[str]) -> None:
+    """Log the new names that differ from another name only in case: they are separate entries of the list, but
+    CLIP's tokenizer lowercases, so they get the same embedding (:func:`serving.format.class_name_key`)."""
+    seen = {class_name_key(n): n for n in registered}
+    for name in new:
+        twin = seen.setdefault(class_name_key(name), name)
+        if twin != name:
+            logger.warning("class %s differs from %s only in case: both get the same embedding (CLIP lowercases "
+                           "class names)", _preview(name), _preview(twin))
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:

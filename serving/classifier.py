@@ -29,6 +29,7 @@ from PIL import Image
 from .bundle import Bundle, load_bundle, load_class_embeddings
 from .classes import ClassRegistry
 from .errors import BundleError, ImageDecodeError, RequestError
+from .format import class_name_key
 from .preprocess import decode_image, preprocess
 from .runtime import Runtime, create_runtime
 from .tokenizer import ClipTokenizer
@@ -80,7 +81,9 @@ class Classifier:
         self._templates = bundle.templates
         self._logit_scale = np.float32(bundle.logit_scale)
         self._bundle_embeddings = np.stack(load_class_embeddings(bundle))  # [S, C, D] float32
-        self._bundle_rows = {name: i for i, name in enumerate(bundle.class_names)}
+        # Keyed like class identity: a name differing from an exported one only in case (CLIP lowercases) or not yet
+        # in canonical form gets exactly the exported row.
+        self._bundle_rows = {class_name_key(name): i for i, name in enumerate(bundle.class_names)}
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # name -> [S, D]
         self._cache_size = int(cache_size)
         self._lock = threading.Lock()
@@ -255,7 +258,7 @@ class Classifier:
         missing: list[int] = []
         with self._lock:
             for i, name in enumerate(names):
-                row = self._bundle_rows.get(name)
+                row = self._bundle_rows.get(class_name_key(name))
                 if row is not None:
                     out[:, i] = self._bundle_embeddings[:, row]
                 elif (cached := self._cache.get(name)) is not None:

@@ -92,6 +92,30 @@ def test_dynamo_exporter_and_custom_classes(tmp_path, trained):
     assert m["parity"]["image"]["max_abs"] <= 1e-4
 
 
+def test_runtime_class_gets_exactly_the_exported_embedding(tmp_path, trained):
+    """One class-name rule from export to serving: a class added at runtime as ``golden_retriever`` or as
+    `` Golden  Retriever`` is the exported ``golden retriever`` and is scored with exactly its exported embedding."""
+    from safetensors.numpy import load_file
+
+    from serving.classifier import Classifier
+
+    out = export_bundle(trained["coop"].artifact, tmp_path / "b", exporter="torchscript",
+                        class_names=["golden_retriever", "red circle", "zebra"])
+    assert json.loads((out / "manifest.json").read_text())["classes"]["names"] == [
+        "golden retriever", "red circle", "zebra"]
+    exported = load_file(str(out / "class_embeddings.safetensors"))["class_embeddings"][0]
+    clf = Classifier.from_bundle(out, runtime="ort")
+    clf.remove_classes(["golden retriever"])
+    for raw, shown in (("golden_retriever", "golden retriever"), (" Golden  Retriever", "Golden Retriever")):
+        assert clf.add_classes([raw])["added"] == [shown]
+        names, matrix = clf._active_classes()  # what classification scores against: [S, C, D]
+        assert names == ["red circle", "zebra", shown]
+        assert np.array_equal(matrix[0, names.index(shown)], exported)
+        assert clf.remove_classes([raw])["removed"] == [shown]
+    # The text graph agrees that case is not part of a class's identity (CLIP's tokenizer lowercases).
+    assert np.array_equal(clf.encode_text(["Golden Retriever"]), clf.encode_text(["golden retriever"]))
+
+
 def test_export_refuses_bad_inputs_and_keeps_existing(tmp_path, trained, bundles):
     art = trained["coop"].artifact
     with pytest.raises(ExportError, match="duplicate class name"):

@@ -44,6 +44,30 @@ def test_normalize_strips_and_collapses_whitespace(make):
     assert reg.normalize_name("café crème") == "café crème"
 
 
+def test_normalize_applies_the_one_class_name_rule(make):
+    """Runtime names follow serving.format.canonical_class_name, like exported and dataset names."""
+    reg = make()
+    assert reg.normalize_name("golden_retriever") == "golden retriever"
+    assert reg.normalize_name(" Golden  Retriever") == "Golden Retriever"  # case is kept as written
+    with pytest.raises(ClassNameError, match="empty"):
+        reg.normalize_name(" _ __ ")
+    assert reg.add(["golden_retriever"]) == ["golden retriever"]
+    with pytest.raises(ClassNameError, match="already registered"):
+        reg.add(["golden  retriever"])
+    with pytest.raises(ClassNameError, match="more than once"):
+        reg.add(["sea_lion", "sea lion"])
+    assert reg.remove(["red_car"]) == ["red car"]
+    assert reg.names() == ["cat", "dog", "golden retriever"]
+
+
+def test_case_twins_are_kept_but_logged(make, caplog):
+    reg = make()
+    with caplog.at_level("WARNING", logger="serving.classes"):
+        reg.add(["Cat"])
+    assert reg.names() == [*INITIAL, "Cat"]
+    assert "'Cat' differs from 'cat' only in case" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("name", "pattern"),
     [

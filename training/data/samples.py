@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from serving.format import canonical_class_name
 from training.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,10 @@ class DatasetSplits:
 def class_name_from_folder(folder: str) -> str:
     """Human-readable class name of a folder name: ``"red_circle"`` -> ``"red circle"``.
 
-    Underscores become spaces, surrounding whitespace is stripped and runs of whitespace collapse.
+    The one class-name rule, :func:`serving.format.canonical_class_name`: underscores become spaces, surrounding
+    whitespace is stripped and runs of whitespace collapse.
     """
-    return " ".join(str(folder).replace("_", " ").split())
+    return canonical_class_name(folder)
 
 
 def _class_seed(seed: int, label: int) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.format import canonical_class_name
 from training.backbone import Backbone
 from training.config import config_from_dict
 from training.errors import ConfigError
@@ -166,7 +167,7 @@ class PromptMethod(nn.Module):
 
     def prompt_texts(self, classnames: list[str], dataset_template: str) -> list[str]:
         template = self.prompt_template(dataset_template)
-        return [template.format(name.replace("_", " ")) for name in classnames]
+        return [template.format(canonical_class_name(name)) for name in classnames]
 
     # ----------------------------------------------------------------- prompts per layer
     def text_prompts(self, prompt_set: int = 0) -> list[torch.Tensor | None] | None:

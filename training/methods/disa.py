@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from serving.format import canonical_class_name
 from training.backbone import Backbone
 from training.methods.base import Capabilities, TrainBatch, TrainContext
 from training.methods.ivlp import IVLP, IVLPConfig
@@ -232,7 +233,7 @@ class DiSa(IVLP):
                              chunk: int = 256) -> torch.Tensor:
         """normalise(mean over templates of the unprompted text features) [C, D] (PromptSRC: raw mean, then
         normalise)."""
-        names = [c.replace("_", " ") for c in classnames]
+        names = [canonical_class_name(c) for c in classnames]
         total = None
         for template in templates:
             ids = tokenize([template.format(n) for n in names])

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.format import canonical_class_name
 from training.backbone import Backbone
 from training.errors import ConfigError
 from training.methods.base import Capabilities, InstanceCapabilities, TrainBatch, TrainContext
@@ -343,7 +344,7 @@ class ISP(IVLP):
     def frozen_text_features(self, classnames: list[str], template: str, tokenize, device,
                              chunk: int = 256) -> torch.Tensor:
         """Normalised unprompted text features [C, D] of ``template.format(name)`` (float32)."""
-        ids = tokenize([template.format(c.replace("_", " ")) for c in classnames])
+        ids = tokenize([template.format(canonical_class_name(c)) for c in classnames])
         return l2_normalize(torch.cat([self.text_encoder(ids[i:i + chunk].to(device), None).float()
                                        for i in range(0, len(classnames), chunk)]))
 
