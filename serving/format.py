@@ -108,6 +108,7 @@ def class_name_key(name: str) -> str:
     """Identity of a class name for duplicate checks: its canonical text, case-folded.
 
     CLIP's tokenizer lowercases its input, so ``"Golden Retriever"`` and ``"golden retriever"`` get the same
-    embedding: two names with the same key are the same class.
+    embedding: a name whose key matches an exported class reuses that class's embedding row. The class list itself
+    keeps names that differ only in case apart (the registry warns when one is added).
     """
     return canonical_class_name(name).casefold()
