@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbone import Backbone
+from training.callbacks import Callback
 from training.config import config_from_dict
 from training.errors import ConfigError
 from training.prompting.encoders import PromptedTextEncoder, PromptedVisionEncoder, l2_normalize
@@ -247,7 +248,7 @@ class PromptMethod(nn.Module):
     def end_stage(self, stage: TrainStage, ctx: TrainContext) -> None:
         """After ``stage`` finished (and its callbacks ran). Default: nothing."""
 
-    def training_callbacks(self) -> list[Any]:
+    def training_callbacks(self) -> list[Callback]:
         """Engine callbacks this method needs (e.g. Gaussian prompt aggregation). Default: none."""
         return []
 

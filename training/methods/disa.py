@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from training.backbone import Backbone
+from training.callbacks import Callback, GaussianPromptAggregation
 from training.methods.base import Capabilities, TrainBatch, TrainContext
 from training.methods.ivlp import IVLP, IVLPConfig
 from training.prompting.encoders import l2_normalize
@@ -357,11 +358,9 @@ class DiSa(IVLP):
         return out
 
     # ----------------------------------------------------------------- callbacks / diagnostics
-    def training_callbacks(self) -> list[Any]:
+    def training_callbacks(self) -> list[Callback]:
         if not self.config.use_gpa:
             return []
-        from training.callbacks import GaussianPromptAggregation  # here: callbacks import the engine, which imports methods
-
         return [GaussianPromptAggregation(self.config.gpa_mean, self.config.gpa_std)]
 
     @torch.no_grad()
