@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from training import __version__ as PROMPTCLIP_VERSION
 from training.backbone import Backbone, create_backbone
 from training.errors import ArtifactError
 from training.methods import PromptMethod, create_method, get_method_class
@@ -39,9 +40,7 @@ def versions() -> dict[str, str]:
     """Versions of the packages that shaped an artifact (informative)."""
     import open_clip
 
-    from training import __version__
-
-    return {"promptclip": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+    return {"promptclip": PROMPTCLIP_VERSION, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "python": platform.python_version()}
 
 

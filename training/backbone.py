@@ -57,6 +57,22 @@ class BackboneSpec:
         if (self.open_clip_name is None) == (self.model_cfg is None):
             raise ValueError(f"backbone {self.name!r}: set exactly one of open_clip_name / model_cfg")
 
+    @property
+    def num_layers(self) -> int | None:
+        """Layers of the shallower tower when the spec knows its architecture (``model_cfg`` given, or an open_clip
+        config it can read), else ``None`` (e.g. a ResNet image tower or a Hugging Face text tower)."""
+        cfg = self.model_cfg
+        if cfg is None:
+            import open_clip  # heavy (torch); only built-in configs need it
+
+            cfg = open_clip.get_model_config(self.open_clip_name)
+            if cfg is None:
+                return None
+        layers = [(cfg.get(tower) or {}).get("layers") for tower in ("vision_cfg", "text_cfg")]
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in layers):
+            return None
+        return min(layers)
+
 
 #: Tiny random-init config for tests: 32 px images, patch 8 (16 patches), 2-layer towers of width 64,
 #: the real CLIP BPE vocabulary and context length, so every tokenizer/export path is the real one.

@@ -1,4 +1,7 @@
-"""Reusable engine callbacks (see :class:`training.engine.Callback`): weight-averaging schemes over training.
+"""Engine callbacks: the :class:`Callback` hooks of the training loop and the weight-averaging schemes built on them.
+
+This module imports nothing from the rest of ``training``: a callback sees the method only through
+:class:`TrainableMethod` (the few calls weight averaging needs), so the engine and the methods can both import it.
 
 :class:`GaussianPromptAggregation` is PromptSRC's GPA (Khattak et al., ICCV 2023; muzairkhattak/PromptSRC
 ``trainers/promptsrc.py``): after every epoch the method's trainable tensors are recorded, and at the end of
@@ -14,13 +17,44 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 
-from training.engine import Callback
-
 log = logging.getLogger(__name__)
+
+
+class TrainableMethod(Protocol):
+    """What a callback may use of a method (every :class:`~training.methods.base.PromptMethod` provides it)."""
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The tensors the current stage trains, by name."""
+        ...
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the trainable tensors, by name."""
+        ...
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load tensors saved by :meth:`trainable_state_dict`."""
+        ...
+
+
+class Callback:
+    """Hooks of the training loop (no-ops here; subclasses override what they need). Weight averaging (GPA, BMA,
+    WiSE-FT) is written as one of these."""
+
+    def on_train_start(self, method: TrainableMethod, total_steps: int) -> None:
+        """Before the first step; ``total_steps`` is the schedule length."""
+
+    def on_step_end(self, method: TrainableMethod, step: int) -> None:
+        """After optimisation step ``step`` (counted from 1)."""
+
+    def on_epoch_end(self, method: TrainableMethod, epoch: int) -> None:
+        """After epoch ``epoch`` (counted from 0), before the resume checkpoint is written."""
+
+    def on_train_end(self, method: TrainableMethod) -> None:
+        """After the last step."""
 
 
 def gaussian_epoch_weights(epochs: Sequence[int], mean: float, std: float) -> tuple[list[float], float]:
@@ -44,7 +78,7 @@ def gaussian_epoch_weights(epochs: Sequence[int], mean: float, std: float) -> tu
 
 
 class GaussianPromptAggregation(Callback):
-    """Gaussian prompt aggregation (GPA), as a :class:`~training.engine.Callback`.
+    """Gaussian prompt aggregation (GPA), as a :class:`Callback`.
 
     Semantics (PromptSRC's, per epoch): epochs are numbered from 1 (the engine's 0-based ``epoch`` + 1). At the
     end of each epoch the method's trainable tensors (``trainable_state_dict()``: CPU copies, so the memory cost is
@@ -67,14 +101,14 @@ class GaussianPromptAggregation(Callback):
         self.weights: dict[int, float] = {}   #: filled at train end: epoch -> weight used
         self.effective_mean: float | None = None
 
-    def on_train_start(self, method: Any, total_steps: int) -> None:
+    def on_train_start(self, method: TrainableMethod, total_steps: int) -> None:
         self.snapshots, self.weights, self.effective_mean = {}, {}, None
 
 
-    def on_epoch_end(self, method: Any, epoch: int) -> None:
+    def on_epoch_end(self, method: TrainableMethod, epoch: int) -> None:
         self.snapshots[int(epoch) + 1] = method.trainable_state_dict()
 
-    def on_train_end(self, method: Any) -> None:
+    def on_train_end(self, method: TrainableMethod) -> None:
         if not self.snapshots:
             log.warning("GPA: no epoch ended during this run; keeping the final weights")
             return
@@ -127,7 +161,7 @@ def bma_weight(t: int, total_steps: int, beta: float) -> float:
 
 class BetaMovingAverage(Callback):
     """CLIPood's Beta moving average (BMA; Shu et al., ICML 2023; GuiDG's ``GeneralMovingAverage``), a
-    :class:`~training.engine.Callback`.
+    :class:`Callback`.
 
     With T total optimisation steps and step t counted from 1 (the engine's ``step`` after ``opt.step()``), the
     averaged weights are the normalised weighted mean
@@ -168,7 +202,7 @@ class BetaMovingAverage(Callback):
         self._T: int | None = None
         self._warned_past_end = False
 
-    def _accumulate(self, method: Any, t: int) -> None:
+    def _accumulate(self, method: TrainableMethod, t: int) -> None:
         assert self._T is not None
         a = bma_weight(t, self._T, self.beta)
         if a <= 0.0:
@@ -188,7 +222,7 @@ class BetaMovingAverage(Callback):
         self.weight_sum = total
         self.steps_seen += 1
 
-    def on_train_start(self, method: Any, total_steps: int) -> None:
+    def on_train_start(self, method: TrainableMethod, total_steps: int) -> None:
         self._T = self.total_steps if self.total_steps is not None else int(total_steps)
         if self._T < 1:
             raise ValueError(f"BMA needs total_steps >= 1, got {self._T}")
@@ -196,11 +230,11 @@ class BetaMovingAverage(Callback):
         if self.include_initial:
             self._accumulate(method, 0)
 
-    def on_step_end(self, method: Any, step: int) -> None:
+    def on_step_end(self, method: TrainableMethod, step: int) -> None:
         self._accumulate(method, int(step))
 
 
-    def on_train_end(self, method: Any) -> None:
+    def on_train_end(self, method: TrainableMethod) -> None:
         if not self.average:
             log.warning("BMA: nothing was averaged during this run; keeping the final weights")
             return
@@ -213,7 +247,7 @@ class BetaMovingAverage(Callback):
 
 class WiseFT(Callback):
     """WiSE-FT weight-space ensembling (Wortsman et al., CVPR 2022; GuiDG's ``wise_ft``), a
-    :class:`~training.engine.Callback`.
+    :class:`Callback`.
 
     At train start the method's trainable tensors θ_0 are snapshotted (detached copies on their own device); at
     train end they are replaced by
@@ -235,20 +269,20 @@ class WiseFT(Callback):
         self.prefixes = tuple(prefixes) if prefixes is not None else None
         self.initial: dict[str, torch.Tensor] = {}
 
-    def _selected(self, method: Any) -> dict[str, torch.Tensor]:
+    def _selected(self, method: TrainableMethod) -> dict[str, torch.Tensor]:
         params = method.trainable_parameters()
         if self.prefixes is None:
             return params
         return {n: p for n, p in params.items() if n.startswith(self.prefixes)}
 
-    def on_train_start(self, method: Any, total_steps: int) -> None:
+    def on_train_start(self, method: TrainableMethod, total_steps: int) -> None:
         self.initial = {name: p.detach().clone() for name, p in self._selected(method).items()}
         if not self.initial:
             log.warning("WiSE-FT: no trainable tensor matches prefixes %s; nothing will be interpolated", self.prefixes)
 
 
 
-    def on_train_end(self, method: Any) -> None:
+    def on_train_end(self, method: TrainableMethod) -> None:
         if not self.initial:
             log.warning("WiSE-FT: no initial snapshot (on_train_start not called); keeping the final weights")
             return

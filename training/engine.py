@@ -1,7 +1,7 @@
 """THE training loop, shared by every method and stage.
 
 Methods plug in through :meth:`PromptMethod.training_loss` (and ``prepare_training``); weight-averaging schemes
-(GPA, BMA, WiSE-FT) plug in as :class:`Callback` objects. Nothing here knows a method by name.
+(GPA, BMA, WiSE-FT) plug in as :class:`~training.callbacks.Callback` objects. Nothing here knows a method by name.
 
 Features: SGD or AdamW over the method's trainable tensors only; linear/constant warmup then cosine decay
 (per step); bf16 autocast on CUDA; seeding; resume from the last finished epoch (safetensors + JSON checkpoint,
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from training.callbacks import Callback
 from training.config import config_from_dict
 from training.errors import ConfigError
 from training.methods.base import PromptMethod, TrainBatch
@@ -74,23 +75,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class Callback:
-    """Hooks of the loop (no-ops here; subclasses override what they need). Weight averaging (GPA, BMA, WiSE-FT)
-    is written as one of these."""
-
-    def on_train_start(self, method: PromptMethod, total_steps: int) -> None:
-        """Before the first step; ``total_steps`` is the schedule length."""
-
-    def on_step_end(self, method: PromptMethod, step: int) -> None:
-        """After optimisation step ``step`` (counted from 1)."""
-
-    def on_epoch_end(self, method: PromptMethod, epoch: int) -> None:
-        """After epoch ``epoch`` (counted from 0), before the resume checkpoint is written."""
-
-    def on_train_end(self, method: PromptMethod) -> None:
-        """After the last step."""
 
 
 @dataclass

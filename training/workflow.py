@@ -17,8 +17,9 @@ import torch
 
 from training.artifact import PromptArtifact, load_prompt_artifact, save_prompt_artifact
 from training.backbone import Backbone, create_backbone
-from training.data import (DatasetSplits, ImageListDataset, Sample, holdout_split, make_domain_balanced_loader,
-                           make_loader, read_image_folder, sample_few_shot, subsample_classes)
+from training.data import (DatasetSplits, ImageListDataset, Sample, few_shot_cached, holdout_split,
+                           make_domain_balanced_loader, make_loader, read_image_folder, sample_few_shot,
+                           subsample_classes)
 from training.engine import TrainConfig, evaluate, load_stage_tensors, resolve_device, stage_tensors, train
 from training.errors import ArtifactError, DatasetError
 from training.methods import (MethodConfig, PromptMethod, TrainContext, TrainStage, create_method,
@@ -175,8 +176,6 @@ def _stage_samples(stage: TrainStage, splits: DatasetSplits, shots: int, seed: i
     pool = splits.train
     domains = sorted({s.domain for s in pool})
     if stage.domains is None and stage.part == "all" and len(domains) <= 1 and few_shot_cache is not None:
-        from training.data import few_shot_cached
-
         picked = list(few_shot_cached(splits, shots, seed, few_shot_cache))
     else:
         wanted = domains if stage.domains is None else [d for d in domains if (d or "all") in stage.domains]

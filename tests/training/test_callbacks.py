@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +168,14 @@ def test_wise_ft_zero_in_real_training_loop_restores_initial_prompts():
     assert _Spy.moved
     for k, p in method.trainable_parameters().items():
         assert torch.equal(p.detach(), initial[k]), k
+
+
+def test_callbacks_import_nothing_of_the_engine_or_the_methods():
+    """No hidden circle: the engine and the methods import the callbacks, never the other way round."""
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys, training.callbacks\n"
+            "bad = [m for m in sys.modules if m.startswith('training.') and m != 'training.callbacks']\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr

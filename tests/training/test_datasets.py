@@ -1,6 +1,7 @@
-"""Tests of training.data.benchmarks: the CoOp base-to-novel readers, the ImageNet variants, the
-DomainBed and ImageNet-DG readers, holdout splits, the cached few-shot sampler and every error
-path. All datasets are tiny fake trees (8x8 images) built under tmp_path."""
+"""Tests of the benchmark catalog and readers (training.data.catalog, readers_coop, readers_domainbed,
+fewshot_cache): the CoOp base-to-novel readers, the ImageNet variants, the DomainBed and ImageNet-DG
+readers, holdout splits, the cached few-shot sampler and every error path. All datasets are tiny fake
+trees (8x8 images) built under tmp_path."""
 from __future__ import annotations
 
 import json
@@ -431,7 +432,7 @@ def _make_domainbed(root: Path, folder: str, domains, classes=("dog", "elephant"
 def test_domainbed_pacs(tmp_path, caplog):
     _make_domainbed(tmp_path, "PACS", _PACS_DOMAINS)
     (tmp_path / "PACS" / "extra_stuff").mkdir()
-    with caplog.at_level(logging.WARNING, logger="training.data.benchmarks"):
+    with caplog.at_level(logging.WARNING, logger="training.data.readers_domainbed"):
         doms = read_domain_dataset("pacs", tmp_path)
     assert "extra_stuff" in caplog.text and "expected 7" in caplog.text
     assert list(doms) == list(_PACS_DOMAINS)
@@ -637,7 +638,7 @@ def test_few_shot_cache_rebuilt_with_warning(tmp_path, caplog, mutate, reason):
         data = json.loads(path.read_text(encoding="utf-8"))
         mutate(data)
         path.write_text(json.dumps(data), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="training.data.benchmarks"):
+    with caplog.at_level(logging.WARNING, logger="training.data.fewshot_cache"):
         again = few_shot_cached(splits, 3, 7, cache)
     assert again == picked
     assert reason in caplog.text and str(path) in caplog.text and "rebuilding" in caplog.text
@@ -648,7 +649,7 @@ def test_few_shot_cache_rebuilt_when_dataset_changes(tmp_path, caplog):
     cache = tmp_path / "cache"
     few_shot_cached(_fake_splits(tmp_path), 2, 1, cache)
     bigger = _fake_splits(tmp_path, per_class=(6, 6, 2, 5))
-    with caplog.at_level(logging.WARNING, logger="training.data.benchmarks"):
+    with caplog.at_level(logging.WARNING, logger="training.data.fewshot_cache"):
         got = few_shot_cached(bigger, 2, 1, cache)
     assert Counter(s.label for s in got) == {0: 2, 1: 2, 2: 2, 3: 2}
     assert "another dataset" in caplog.text

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 
 from training.backbone import Backbone
 from training.errors import RegistryError
-from training.methods.base import (Capabilities, MethodConfig, PromptMethod, TrainBatch, TrainContext,
-                                   TrainStage)
+from training.methods.base import (PROMPT_DEPTH, Capabilities, MethodConfig, PromptMethod, TrainBatch,
+                                   TrainContext, TrainStage)
 from training.methods.coop import CoOp
 from training.methods.disa import DiSa
 from training.methods.guidg import GuiDG
@@ -53,6 +53,6 @@ def create_method(name: str, backbone: Backbone, config: Mapping[str, Any] | Met
 
 
 __all__ = [
-    "Capabilities", "METHODS", "MethodConfig", "PromptMethod", "TrainBatch", "TrainContext", "create_method", "get_method_class",
-    "list_methods", "TrainStage",
+    "PROMPT_DEPTH", "Capabilities", "METHODS", "MethodConfig", "PromptMethod", "TrainBatch", "TrainContext",
+    "create_method", "get_method_class", "list_methods", "TrainStage",
 ]

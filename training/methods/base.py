@@ -19,11 +19,17 @@ from torch import nn
 
 from serving.format import canonical_class_name
 from training.backbone import Backbone
+from training.callbacks import Callback
 from training.config import config_from_dict
 from training.errors import ConfigError
 from training.prompting.encoders import PromptedTextEncoder, PromptedVisionEncoder, l2_normalize
 
 log = logging.getLogger(__name__)
+
+#: Metadata key that marks a config option as a prompt depth (a number of encoder blocks that get prompts):
+#: ``depth_text: int = field(default=9, metadata={PROMPT_DEPTH: True})``. :meth:`PromptMethod.config_for_backbone`
+#: fits exactly the options marked so to a backbone (never options recognised by their name).
+PROMPT_DEPTH = "prompt_depth"
 
 
 @dataclass(frozen=True)
@@ -237,6 +243,30 @@ class PromptMethod(nn.Module):
         the config unchanged."""
         return dict(config or {})
 
+    @classmethod
+    def config_for_backbone(cls, num_layers: int, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``overrides`` (a copy) plus, for every prompt-depth option of ``cls.config_cls`` (marked with
+        ``metadata={PROMPT_DEPTH: True}``) that the user did not set and whose default exceeds ``num_layers``, that
+        option set to ``num_layers`` (the papers' depth 9 assumes 12 blocks; a shallower backbone has fewer).
+
+        ``num_layers`` is the layer count of the shallower tower (:attr:`~training.backbone.BackboneSpec.num_layers`).
+        A value the user set is kept as it is, even when it is too deep (building the method then says so).
+        """
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ConfigError(f"{cls.name}: num_layers must be an int >= 1 (the backbone's blocks), got {num_layers!r}")
+        out = dict(overrides or {})
+        for f in dataclasses.fields(cls.config_cls):
+            if not f.metadata.get(PROMPT_DEPTH) or f.name in out:
+                continue
+            if isinstance(f.default, bool) or not isinstance(f.default, int):
+                raise TypeError(f"{cls.config_cls.__name__}.{f.name} is marked as a prompt depth but its default "
+                                f"{f.default!r} is not an int")
+            if f.default > num_layers:
+                log.info("%s: %s %d -> %d (the backbone has %d layers)", cls.name, f.name, f.default, num_layers,
+                         num_layers)
+                out[f.name] = num_layers
+        return out
+
     def training_stages(self) -> list[TrainStage]:
         """The stages training runs, in order (each one pass of the shared loop). Default: one stage."""
         return [TrainStage("train")]
@@ -248,7 +278,7 @@ class PromptMethod(nn.Module):
     def end_stage(self, stage: TrainStage, ctx: TrainContext) -> None:
         """After ``stage`` finished (and its callbacks ran). Default: nothing."""
 
-    def training_callbacks(self) -> list[Any]:
+    def training_callbacks(self) -> list[Callback]:
         """Engine callbacks this method needs (e.g. Gaussian prompt aggregation). Default: none."""
         return []
 

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from serving.format import canonical_class_name
 from training.backbone import Backbone
+from training.callbacks import Callback, GaussianPromptAggregation
 from training.methods.base import Capabilities, TrainBatch, TrainContext
 from training.methods.ivlp import IVLP, IVLPConfig
 from training.prompting.encoders import l2_normalize
@@ -358,11 +359,9 @@ class DiSa(IVLP):
         return out
 
     # ----------------------------------------------------------------- callbacks / diagnostics
-    def training_callbacks(self) -> list[Any]:
+    def training_callbacks(self) -> list[Callback]:
         if not self.config.use_gpa:
             return []
-        from training.callbacks import GaussianPromptAggregation  # here: callbacks import the engine, which imports methods
-
         return [GaussianPromptAggregation(self.config.gpa_mean, self.config.gpa_std)]
 
     @torch.no_grad()

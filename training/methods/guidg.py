@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbone import Backbone
+from training.callbacks import BetaMovingAverage, Callback, WiseFT
 from training.errors import ConfigError
 from training.methods.base import (Capabilities, InstanceCapabilities, MethodConfig, PromptMethod, TrainBatch,
                                    TrainContext, TrainStage, init_prompt)
@@ -291,11 +292,9 @@ class GuiDG(PromptMethod):
         sets = self.capabilities.num_prompt_sets
         return torch.stack([self.encode_text(class_token_ids, s).float() for s in range(sets)])
 
-    def training_callbacks(self) -> list[Any]:
+    def training_callbacks(self) -> list[Callback]:
         if self._stage is None or self._stage.name != "finetune" or self.config.averaging == "none":
             return []
-        from training.callbacks import BetaMovingAverage, WiseFT
-
         if self.config.averaging == "bma":
             return [BetaMovingAverage(beta=self.config.bma_beta)]
         return [WiseFT(alpha=self.config.wiseft_alpha, prefixes=("visual.",))]  # the tower, as GuiDG's wise_ft

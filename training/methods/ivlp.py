@@ -11,22 +11,24 @@ Follows the official code (muzairkhattak/PromptSRC ``clip/model.py``, ``trainers
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from training.backbone import Backbone
 from training.errors import ConfigError
-from training.methods.base import Capabilities, MethodConfig, PromptMethod, init_prompt, token_init
+from training.methods.base import PROMPT_DEPTH, Capabilities, MethodConfig, PromptMethod, init_prompt, token_init
 
 
 @dataclass(frozen=True)
 class IVLPConfig(MethodConfig):
     n_ctx_text: int = 4
     n_ctx_vision: int = 4
-    depth_text: int = 9       #: number of text blocks that get prompts (1 = shallow, CoOp-like)
-    depth_vision: int = 9     #: number of vision blocks that get prompts (0 = no vision prompts)
+    #: number of text blocks that get prompts (1 = shallow, CoOp-like)
+    depth_text: int = field(default=9, metadata={PROMPT_DEPTH: True})
+    #: number of vision blocks that get prompts (0 = no vision prompts)
+    depth_vision: int = field(default=9, metadata={PROMPT_DEPTH: True})
     ctx_init: str = "a photo of a"
     init_std: float = 0.02
 
