@@ -52,10 +52,10 @@ def main() -> int:
     from PIL import Image
 
     from export.bundle import export_bundle
+    from promptclip.server import ServerProcess
     from serving.classifier import Classifier
     from training.artifact import save_prompt_artifact
     from training.backbone import create_backbone
-    from training.demo import ServerProcess
     from training.methods import create_method
 
     out = Path(args.out)

@@ -7,7 +7,7 @@ import os
 import httpx
 import pytest
 
-from training.demo import ServerProcess
+from promptclip.server import ServerProcess
 
 
 @pytest.mark.slow

@@ -8,80 +8,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+import httpx
+import numpy as np
+
+from export.bundle import export_bundle
+from promptclip.server import ServerProcess
+from training.backbone import get_backbone_spec
+from training.data import subsample_classes
+from training.engine import TrainConfig
+from training.toyworld import world
+from training.workflow import train_run
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """A real ``bentoml serve`` process on loopback, started and stopped by pid."""
-
-    def __init__(self, bundle: Path, *, port: int | None = None, state_dir: Path | None = None,
-                 token: str | None = None, log_path: Path | None = None) -> None:
-        from training.cli import serve_command, serve_env
-
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = serve_env(bundle, state_dir, token)
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(serve_command(self.port, "127.0.0.1"), env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=str(Path(__file__).resolve().parent.parent),
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}; log: {self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {timeout:.0f}s; log: {self.tail()}")
-
-    def tail(self, n: int = 3000) -> str:
-        if self.log_path and self.log_path.exists():
-            return self.log_path.read_text(errors="replace")[-n:]
-        return "(no log)"
-
-    def stop(self) -> None:
-        """SIGTERM the server's process group (bentoml starts workers), SIGKILL after 15 s."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-            except ProcessLookupError:
-                pass
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def _say(step: str, text: str) -> None:
@@ -102,15 +45,6 @@ RUNTIME_CLASS = ("green", "crescent")
 def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "toy-clip",
              pretrained: str | None = None) -> int:
     """Run the offline demo into ``out``; returns 0 on success."""
-    import httpx
-    import numpy as np
-
-    from export.bundle import export_bundle
-    from training.data import subsample_classes
-    from training.engine import TrainConfig
-    from training.toyworld import world
-    from training.workflow import train_run
-
     t0 = time.monotonic()
     out = Path(out)
     for sub in ("run", "bundle", "state"):
@@ -173,7 +107,7 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "toy-
     return 0
 
 
-def _classify(client, image_path, top_k: int = 3) -> list[dict]:
+def _classify(client: httpx.Client, image_path: Path, top_k: int = 3) -> list[dict]:
     with open(image_path, "rb") as f:
         r = client.post("/classify", files={"image": (Path(image_path).name, f, "image/png")},
                         data={"top_k": str(top_k)})
@@ -184,8 +118,6 @@ def _classify(client, image_path, top_k: int = 3) -> list[dict]:
 
 
 def _fit_depth(backbone: str) -> dict[str, int]:
-    from training.backbone import get_backbone_spec
-
     spec = get_backbone_spec(backbone)
     if spec.model_cfg is None:
         return {}

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from training.cli import main
+from promptclip.cli import main
+from promptclip_testing import assert_torch_free
 
 SUBCOMMANDS = ["train", "eval", "export", "serve", "classify", "demo", "methods", "backbones", "reproduce",
                "toyworld", "bench"]
@@ -127,3 +128,26 @@ def test_console_script_is_installed():
     exe = shutil.which("promptclip") or str(__import__("pathlib").Path(sys.executable).parent / "promptclip")
     r = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ivlp" in r.stdout
+
+
+def test_python_dash_m_promptclip():
+    """`python -m promptclip` is the same command line as the script."""
+    r = subprocess.run([sys.executable, "-m", "promptclip", "methods"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ivlp" in r.stdout
+
+
+def test_building_the_parser_loads_no_command_group():
+    """Parsers are standard library only: `--help` of any command imports no handler module and no torch."""
+    assert_torch_free("import sys\nfrom promptclip.cli import build_parser\nbuild_parser()\n"
+                      "loaded = [m for m in sys.modules if m.startswith(('promptclip.cli.commands.', 'training', "
+                      "'export', 'promptclip.demo', 'promptclip.server'))]\nassert not loaded, loaded")
+
+
+def test_serve_and_classify_are_torch_free(bundles, shapes_root):
+    """A serving host has no torch: `classify` and `serve` (up to starting bentoml) run through the CLI without it."""
+    image = next((shapes_root / "test").glob("*/*.png"))
+    bundle = str(bundles["coop"])
+    assert_torch_free(f"from promptclip.cli import main\n"
+                      f"assert main(['classify', '--bundle', {bundle!r}, {str(image)!r}, '--top-k', '2']) == 0\n"
+                      f"assert main(['serve', '--bundle', {bundle + '-missing'!r}]) == 2\n"
+                      f"import promptclip.cli.commands.serve, promptclip.server")

@@ -1,0 +1,38 @@
+"""``serve`` and ``classify``: torch-free (a serving host has no torch installed)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+from promptclip.cli.values import class_list
+from promptclip.server import SERVICE_ROOT, serve_command, serve_env
+from serving.bundle import load_bundle
+from serving.classifier import Classifier
+from serving.errors import PromptclipError
+
+log = logging.getLogger("promptclip")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    load_bundle(args.bundle)  # fail here, with a clear message, rather than inside the server
+    env = serve_env(args.bundle, args.state_dir, args.token)
+    cmd = serve_command(args.port, args.host, args.workers)
+    log.info("starting: %s (bundle %s)", " ".join(cmd), env["PROMPTCLIP_BUNDLE"])
+    return subprocess.call(cmd, env=env, cwd=str(SERVICE_ROOT))
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    clf = Classifier.from_bundle(args.bundle, state_dir=args.state_dir)
+    blobs = []
+    for image in args.images:
+        p = Path(image)
+        if not p.is_file():
+            raise PromptclipError(f"image {p} does not exist")
+        blobs.append(p.read_bytes())
+    results = clf.classify_bytes(blobs, top_k=args.top_k, class_names=class_list(args))
+    for image, preds in zip(args.images, results):
+        print(json.dumps({"image": image, "predictions": preds}))
+    return 0

@@ -1,0 +1,29 @@
+"""Parsers of ``serve`` and ``classify`` (their handlers are torch-free too)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+#: the handler module of this group
+HANDLERS = "promptclip.cli.commands.serve"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (no torch needed)")
+    s.add_argument("--bundle", required=True)
+    s.add_argument("--state-dir", help="where runtime class additions are persisted")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=3000)
+    s.add_argument("--workers", type=int, help="number of API worker processes")
+    s.add_argument("--token", default=os.environ.get("PROMPTCLIP_API_TOKEN"),
+                   help="bearer token required by mutating endpoints (default: $PROMPTCLIP_API_TOKEN)")
+    s.set_defaults(handler=(HANDLERS, "cmd_serve"))
+
+    s = sub.add_parser("classify", help="classify local images with a bundle (no server, no torch)")
+    s.add_argument("--bundle", required=True)
+    s.add_argument("images", nargs="+")
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--classes", help="comma-separated ad-hoc class list for this call")
+    s.add_argument("--classes-file")
+    s.add_argument("--state-dir")
+    s.set_defaults(handler=(HANDLERS, "cmd_classify"))
