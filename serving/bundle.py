@@ -73,7 +73,7 @@ class Bundle:
     @functools.cached_property
     def preprocessing(self) -> PreprocessConfig:
         """The eval preprocessing the image graph expects."""
-        return PreprocessConfig.from_manifest(self.model.preprocessing)
+        return self.model.preprocessing.config()
 
     @property
     def method_name(self) -> str:

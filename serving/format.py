@@ -187,7 +187,15 @@ def check_header(data: Mapping[str, Any], spec: FormatSpec, *, source: str, inva
 M = TypeVar("M", bound="FormatModel")
 
 
-class FormatModel:
+class FormatSection:
+    """Base of a nested section of a format model that is written on its own too (gives :meth:`to_json`)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of this dataclass (fields whose ``metadata`` has ``omit_none`` left out when ``None``)."""
+        return _unstructure(self)
+
+
+class FormatModel(FormatSection):
     """Base of the typed format models (frozen, keyword-only dataclasses; nested objects are dataclasses too).
 
     Subclasses set ``SPEC`` (top-level models only) and may override :meth:`check` for value checks. Field values
@@ -221,10 +229,6 @@ class FormatModel:
 
     def check(self, invalid: Callable[[str], Exception]) -> None:
         """Value checks past the structure; raise ``invalid(msg)``. The default checks nothing."""
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object of this model (what the writer writes)."""
-        return _unstructure(self)
 
 
 def _structure(cls: type, data: Mapping[str, Any], path: str, missing: list[str], unknown: list[str],

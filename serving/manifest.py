@@ -31,13 +31,14 @@ from .format import (
     TEXT_INPUT,
     TEXT_OUTPUT,
     FormatModel,
+    FormatSection,
     FormatSpec,
     is_int,
 )
 from .preprocess import PreprocessConfig
 
 __all__ = [
-    "BackboneInfo", "BundleManifest", "Capabilities", "ClassesInfo", "GraphSpec", "Graphs", "MethodInfo", "PromptSets",
+    "BackboneInfo", "BundleManifest", "Capabilities", "ClassesInfo", "GraphSpec", "Graphs", "MethodInfo", "Preprocessing", "PromptSets",
     "TensorSpec", "TextInfo", "bundle_versions", "read_manifest", "sha256_file", "write_manifest", "REEXPORT",
 ]
 
@@ -166,6 +167,23 @@ class PromptSets:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Preprocessing(FormatSection):
+    """The eval preprocessing the image graph expects; values are checked by :class:`PreprocessConfig` (whose
+    defaults apply to the optional keys left out)."""
+
+    image_size: Any  # [H, W]; a bare int means square
+    mean: list[float]
+    std: list[float]
+    interpolation: str | None = field(default=None, metadata={"omit_none": True})
+    resize_mode: str | None = field(default=None, metadata={"omit_none": True})
+    fill_color: int | None = field(default=None, metadata={"omit_none": True})
+
+    def config(self) -> PreprocessConfig:
+        """The checked :class:`PreprocessConfig` (raises :class:`BundleError` on invalid values)."""
+        return PreprocessConfig.from_manifest(self.to_json())
+
+
+@dataclass(frozen=True, kw_only=True)
 class BundleManifest(FormatModel):
     """``manifest.json`` of a deploy bundle (see :mod:`serving.format` for the meaning of every key)."""
 
@@ -181,7 +199,7 @@ class BundleManifest(FormatModel):
     method: MethodInfo
     embedding_dim: int
     logit_scale: float
-    preprocessing: dict[str, Any]
+    preprocessing: Preprocessing
     text: TextInfo
     classes: ClassesInfo
     graphs: Graphs
@@ -218,7 +236,7 @@ class BundleManifest(FormatModel):
         for i, spec in enumerate(self.graphs.text):
             _check_io(spec, f"graphs.text[{i}]", TEXT_INPUT, "int64", TEXT_OUTPUT, invalid)
         self._check_prompt_sets(n, invalid)
-        PreprocessConfig.from_manifest(self.preprocessing)
+        self.preprocessing.config()
 
     def _check_text(self, n: int, invalid: Invalid) -> None:
         text = self.text

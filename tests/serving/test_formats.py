@@ -56,15 +56,24 @@ def test_unknown_manifest_keys_at_any_level_warn_once_and_load(synthetic_bundle,
         m["future_thing"] = 1
         m["text"]["future_text_option"] = "x"
         m["graphs"]["text"][0]["future_graph_key"] = [1]
+        m["preprocessing"]["future_crop"] = 0.9
 
     edit_manifest(bundle_copy, edit)
     with caplog.at_level(logging.WARNING):
         first = load_bundle(bundle_copy)
         load_bundle(bundle_copy)
-    for key in ("future_thing", "text.future_text_option", "graphs.text[0].future_graph_key"):
+    for key in ("future_thing", "text.future_text_option", "graphs.text[0].future_graph_key",
+                "preprocessing.future_crop"):
         assert len(_unknown_key_warnings(caplog, key)) == 1, key
     assert first.class_names == synthetic_bundle.class_names and first.manifest["future_thing"] == 1
     assert not hasattr(first.model, "future_thing")
+    assert len([r for r in caplog.records if "future_crop" in r.getMessage()]) == 1  # no second warning elsewhere
+
+
+def test_missing_preprocessing_key_is_named(bundle_copy, edit_manifest):
+    edit_manifest(bundle_copy, lambda m: m["preprocessing"].pop("std"))
+    with pytest.raises(BundleError, match=r"missing required key\(s\): preprocessing\.std.*re-export"):
+        load_bundle(bundle_copy)
 
 
 def test_newer_bundle_is_refused_naming_both_versions_and_what_to_do(bundle_copy, edit_manifest):
