@@ -38,8 +38,9 @@ from .format import (
 from .preprocess import PreprocessConfig
 
 __all__ = [
-    "BackboneInfo", "BundleManifest", "Capabilities", "ClassesInfo", "GraphSpec", "Graphs", "MethodInfo", "Preprocessing", "PromptSets",
-    "TensorSpec", "TextInfo", "bundle_versions", "read_manifest", "sha256_file", "write_manifest", "REEXPORT",
+    "BackboneInfo", "BundleManifest", "Capabilities", "ClassesInfo", "GraphSpec", "Graphs", "MethodInfo",
+    "Preprocessing", "PromptSets", "TensorSpec", "TextInfo", "bundle_versions", "read_manifest", "sha256_file",
+    "write_manifest", "REEXPORT",
 ]
 
 logger = logging.getLogger(__name__)
