@@ -3,11 +3,12 @@
 The bundle is written into a temporary sibling directory and moved into place only after every check passed:
 ONNX checker, ORT-vs-torch parity of both graphs at batch 1 and 3, parity of the precomputed class embeddings
 against the exported text graph, and finally a read-back through ``serving.bundle.load_bundle`` (the reader
-accepts what the writer wrote). An existing bundle is never overwritten unless asked.
+accepts what the writer wrote). The manifest is built as the typed :class:`serving.manifest.BundleManifest` and
+written by :func:`serving.manifest.write_manifest`, the writer the test fixtures use too. An existing bundle is
+never overwritten unless asked.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,7 +21,23 @@ import torch
 
 from export.onnx_export import DEFAULT_OPSET, MIN_COSINE, ImageGraph, TextGraph, export_checked, ort_session
 from serving import format as fmt
-from serving.bundle import load_bundle, sha256_file
+from serving.bundle import load_bundle
+from serving.manifest import (
+    BackboneInfo,
+    BundleManifest,
+    Capabilities,
+    ClassesInfo,
+    Graphs,
+    GraphSpec,
+    MethodInfo,
+    Preprocessing,
+    PromptSets,
+    TensorSpec,
+    TextInfo,
+    bundle_versions,
+    sha256_file,
+    write_manifest,
+)
 from serving.tokenizer import ClipTokenizer, default_vocab_path
 from training.artifact import PromptArtifact, load_prompt_artifact, versions
 from training.errors import ExportError
@@ -123,40 +140,35 @@ def export_bundle(
                                        probe_embeddings)
 
         image_entry["file"] = fmt.IMAGE_GRAPH_FILE
-        image_entry["sha256"] = sha256_file(tmp / fmt.IMAGE_GRAPH_FILE)
-        for entry in text_entries:
+        for entry in [image_entry, *text_entries]:
             entry["sha256"] = sha256_file(tmp / entry["file"])
         parity = {"image": image_entry.pop("parity"),
                   "text": [e.pop("parity") for e in text_entries] if num_sets > 1 else text_entries[0].pop("parity"),
                   "class_embeddings": class_parity if num_sets > 1 else class_parity[0],
                   "logits": logits_parity}
-        emb = embeddings[0]
         empty_tokens = len(tokenizer.encode(template.format("")))
-        manifest: dict[str, Any] = {
-            "format": fmt.BUNDLE_FORMAT,
-            "format_version": fmt.BUNDLE_FORMAT_VERSION if num_sets == 1 else fmt.MULTI_SET_FORMAT_VERSION,
-            "min_reader_version": 1 if num_sets == 1 else fmt.MULTI_SET_FORMAT_VERSION,
-            "created_by": {**versions(), "onnx_exporter": exporter},
-            "method": {"name": method.name, "config": method.config.to_dict(), "capabilities": dict(caps.__dict__)},
-            "backbone": {"name": backbone.name, "pretrained": backbone.pretrained,
-                         "weights_sha256": backbone.weights_sha256, "weights": backbone.describe_weights()},
-            "embedding_dim": int(emb.shape[1]),
-            "logit_scale": float(method.logit_scale),
-            "preprocessing": dict(backbone.preprocess),
-            "text": {"tokenizer": "clip-bpe", "vocab_file": fmt.VOCAB_FILE, "vocab_sha256": sha256_file(tmp / fmt.VOCAB_FILE),
-                     "context_length": ctx_len, "templates": [template] * num_sets,
-                     "max_name_tokens": ctx_len - 2 - empty_tokens},
-            "classes": {"names": names, "file": fmt.CLASS_EMBEDDINGS_FILE,
-                        "sha256": sha256_file(tmp / fmt.CLASS_EMBEDDINGS_FILE)},
-            "graphs": {"image": image_entry, "text": text_entries},
-            "engines": [],
-            "parity": parity,
-            "trained_on": None,
-        }
-        manifest.pop("trained_on")
-        if num_sets > 1:
-            manifest["prompt_sets"] = {"names": method.prompt_set_names(), "combine": fmt.COMBINE_WEIGHTED_SUM}
-        (tmp / fmt.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = BundleManifest(
+            **bundle_versions(num_sets),
+            created_by={**versions(), "onnx_exporter": exporter},
+            method=MethodInfo(name=method.name, config=method.config.to_dict(),
+                              capabilities=Capabilities(**caps.__dict__)),
+            backbone=BackboneInfo(name=backbone.name, pretrained=backbone.pretrained,
+                                  weights_sha256=backbone.weights_sha256, weights=backbone.describe_weights()),
+            embedding_dim=int(embeddings[0].shape[1]),
+            logit_scale=float(method.logit_scale),
+            preprocessing=Preprocessing(**backbone.preprocess),
+            text=TextInfo(tokenizer="clip-bpe", vocab_file=fmt.VOCAB_FILE,
+                          vocab_sha256=sha256_file(tmp / fmt.VOCAB_FILE), context_length=ctx_len,
+                          templates=[template] * num_sets, max_name_tokens=ctx_len - 2 - empty_tokens),
+            classes=ClassesInfo(names=names, file=fmt.CLASS_EMBEDDINGS_FILE,
+                                sha256=sha256_file(tmp / fmt.CLASS_EMBEDDINGS_FILE)),
+            graphs=Graphs(image=_graph_spec(image_entry), text=[_graph_spec(e) for e in text_entries]),
+            engines=[],
+            parity=parity,
+            prompt_sets=(PromptSets(names=method.prompt_set_names(), combine=fmt.COMBINE_WEIGHTED_SUM)
+                         if num_sets > 1 else None),
+        )
+        write_manifest(tmp, manifest)
         load_bundle(tmp)  # the reader must accept what we wrote (format, hashes, shapes)
         if out.exists():
             shutil.rmtree(out)
@@ -196,6 +208,13 @@ def _logits_parity(method: Any, bundle_dir: Path, image_input, token_ids: torch.
                           f"max abs {max_abs:.2e}); try the other --exporter")
     return {"max_abs": max_abs, "min_cosine": cos, "num_images": int(f.shape[0]),
             "num_classes": int(token_ids.shape[0]), "runtime_classes": len(PROBE_CLASSES)}
+
+
+def _graph_spec(entry: dict[str, Any]) -> GraphSpec:
+    """The manifest model of a graph from what :func:`export_checked` returned (plus file and sha256)."""
+    return GraphSpec(file=entry["file"], sha256=entry["sha256"], opset=entry["opset"], exporter=entry["exporter"],
+                     inputs=[TensorSpec(**t) for t in entry["inputs"]],
+                     outputs=[TensorSpec(**t) for t in entry["outputs"]])
 
 
 def _class_embedding_parity(sess, token_ids: np.ndarray, torch_emb: np.ndarray) -> dict[str, float]:

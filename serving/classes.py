@@ -5,6 +5,9 @@ active list in memory and, when given a ``state_dir``, in ``state_dir/classes.js
 
     {"format": "promptclip.classes", "format_version": 1, "version": 7, "names": ["cat", "dog", ...]}
 
+(the typed model is :class:`serving.format.ClassState`: unknown keys are ignored with a warning, a newer
+``format_version`` is refused with a message naming it).
+
 Every change bumps ``version`` and is written with write-temp + fsync + ``os.replace`` + directory
 fsync, so an acknowledged change survives ``kill -9`` and power loss and readers never see a half
 written file. Mutations hold a ``threading.Lock`` and an advisory ``fcntl.flock`` on
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import BundleError, ClassNameError, PromptclipError, RequestError, UnknownClassError
-from .format import canonical_class_name, class_name_key
+from .format import CLASS_STATE_FORMAT_VERSION, ClassState, canonical_class_name, class_name_key
 
 try:
     import fcntl
@@ -43,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "classes.json"
 LOCK_FILE = "classes.lock"
-STATE_FORMAT = "promptclip.classes"
-STATE_FORMAT_VERSION = 1
 #: Longest class name accepted, in characters (after whitespace normalisation).
 MAX_NAME_CHARS = 200
 _RESERVED_TOKENS = ("<start_of_text>", "<end_of_text>")
@@ -350,20 +351,8 @@ class ClassRegistry:
         def corrupt(msg: str) -> ClassStateError:
             return ClassStateError(f"Class state file {path} is invalid: {msg}. {fix}")
 
-        if not isinstance(data, dict):
-            raise corrupt(f"expected a JSON object, got {type(data).__name__}")
-        if data.get("format") != STATE_FORMAT:
-            raise corrupt(f"format is {data.get('format')!r}, expected {STATE_FORMAT!r}")
-        fv = data.get("format_version")
-        if fv != STATE_FORMAT_VERSION:
-            raise corrupt(f"format_version {fv!r} is not supported (this promptclip reads {STATE_FORMAT_VERSION}; "
-                          "a newer promptclip may have written it -- upgrade)")
-        version = data.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise corrupt(f"version must be a non-negative int, got {version!r}")
-        names = data.get("names")
-        if not isinstance(names, list) or not names:
-            raise corrupt("names must be a non-empty list")
+        state = ClassState.read(data, source=f"Class state file {path}", invalid=corrupt, error=ClassStateError)
+        version, names = state.version, state.names
         known = set(self._names)  # validated before; only new names need the (tokenizing) check
         try:
             checked = [n if isinstance(n, str) and n in known else self.normalize_name(n, field="classes")
@@ -386,10 +375,8 @@ class ClassRegistry:
     def _write_state(self, version: int, names: list[str]) -> None:
         """Atomically replace the state file (temp file in the same dir, fsync, rename, fsync dir)."""
         assert self.state_dir is not None and self.state_path is not None
-        payload = json.dumps(
-            {"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION, "version": version, "names": names},
-            ensure_ascii=False, indent=1,
-        ).encode("utf-8")
+        state = ClassState(format_version=CLASS_STATE_FORMAT_VERSION, version=version, names=names)
+        payload = json.dumps(state.to_json(), ensure_ascii=False, indent=1).encode("utf-8")
         tmp: str | None = None
         try:
             fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".classes.", suffix=".tmp")

@@ -338,11 +338,10 @@ class Classifier:
         """Health/readiness details: method, classes, prompt sets, runtime and providers."""
         self.registry.refresh()
         version, names = self.registry.snapshot()
-        backbone = self.bundle.manifest.get("backbone") or {}
         return {
             "status": "ok",
             "method": self.bundle.method_name,
-            "backbone": backbone.get("name") if isinstance(backbone, dict) else None,
+            "backbone": self.bundle.backbone_name,
             "num_classes": len(names),
             "classes_version": version,
             "runtime": self.runtime.name,

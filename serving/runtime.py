@@ -16,6 +16,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import BundleError, RuntimeUnavailableError
 from .format import EXPERT_WEIGHTS_OUTPUT, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
+from .manifest import GraphSpec
 
 __all__ = ["Runtime", "OrtRuntime", "create_runtime", "RUNTIME_KINDS"]
 
@@ -171,27 +172,27 @@ class OrtRuntime:
                          lambda msg: BundleError(f"{fname}: {msg} ([batch, num_prompt_sets]); the graph does not "
                                                  "match manifest.json -- re-export the bundle."))
 
-    def _check_graph(self, session: Any, spec: dict, fname: str, input_name: str,
+    def _check_graph(self, session: Any, spec: GraphSpec, fname: str, input_name: str,
                      input_shape: list[int | None], output_name: str) -> None:
         def fail(msg: str) -> BundleError:
             return BundleError(f"{fname}: {msg}; the graph does not match manifest.json -- re-export the bundle.")
 
         graph_inputs = {a.name: a for a in session.get_inputs()}
         graph_outputs = {a.name: a for a in session.get_outputs()}
-        declared = {x.get("name"): x for x in spec["inputs"] if isinstance(x, dict)}
+        declared = {x.name: x for x in spec.inputs}
         if set(graph_inputs) != set(declared):
             raise fail(f"graph inputs {sorted(graph_inputs)} differ from the manifest's {sorted(declared)}")
         for name, arg in graph_inputs.items():
-            want = _ORT_TYPES.get(declared[name].get("dtype"))
+            want = _ORT_TYPES.get(declared[name].dtype)
             if arg.type != want:
-                raise fail(f"input {name!r} is {arg.type}, the manifest says {declared[name].get('dtype')!r}")
-        for out in spec["outputs"]:
-            name = out.get("name") if isinstance(out, dict) else None
+                raise fail(f"input {name!r} is {arg.type}, the manifest says {declared[name].dtype!r}")
+        for out in spec.outputs:
+            name = out.name
             if name not in graph_outputs:
                 raise fail(f"graph has no output {name!r} (has {sorted(graph_outputs)})")
-            want = _ORT_TYPES.get(out.get("dtype", "float32"))
+            want = _ORT_TYPES.get(out.dtype or "float32")
             if graph_outputs[name].type != want:
-                raise fail(f"output {name!r} is {graph_outputs[name].type}, the manifest says {out.get('dtype')!r}")
+                raise fail(f"output {name!r} is {graph_outputs[name].type}, the manifest says {out.dtype!r}")
         _check_shape(graph_inputs[input_name].shape, input_shape, f"input {input_name!r}", fail)
         _check_shape(graph_outputs[output_name].shape, [None, self.bundle.embedding_dim], f"output {output_name!r}",
                      fail)

@@ -6,6 +6,10 @@ Files:
 * ``prompt_config.json``: format + version, method name + config, backbone (name, pretrained, weights sha256,
   init seed), prompt text template and context positions, what it was trained on, package versions;
 * ``metrics.json`` and ``training_config.json`` (the full resolved config) when written by a training run.
+
+``prompt_config.json`` is one typed model, :class:`PromptConfig`, under the one rule of
+:class:`serving.format.FormatModel`: unknown keys -- and unknown options of the stored method config -- are
+ignored with a warning naming them; a newer ``format_version`` is refused with a message naming it.
 """
 from __future__ import annotations
 
@@ -15,14 +19,17 @@ import os
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
+from serving.format import FormatModel, FormatSpec, warn_unknown_keys
 from training import __version__ as PROMPTCLIP_VERSION
 from training.backbone import Backbone, create_backbone
+from training.config import config_from_dict
 from training.errors import ArtifactError
 from training.methods import PromptMethod, create_method, get_method_class
 
@@ -44,22 +51,83 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+@dataclass(frozen=True, kw_only=True)
+class MethodSection:
+    """The method of an artifact: its registry name, its config (the method's own dataclass as JSON) and what it
+    can do."""
+
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneSection:
+    """How to rebuild the frozen backbone: name, weights source, their sha256 fingerprint, init seed."""
+
+    name: str
+    pretrained: str | None
+    weights_sha256: str | None = None
+    init_seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextSection:
+    """The prompt text: the dataset template, the method's prompt template and the learned context positions."""
+
+    dataset_template: str
+    prompt_template: str | None = None
+    ctx_start: int = 1
+    n_ctx: int = 0
+    context_length: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptConfig(FormatModel):
+    """``prompt_config.json`` of a prompt artifact, written by :func:`save_prompt_artifact` and read by
+    :func:`read_prompt_config` (the one rule of :class:`serving.format.FormatModel`)."""
+
+    SPEC: ClassVar[FormatSpec] = FormatSpec(
+        format=ARTIFACT_FORMAT, what="promptclip prompt artifact", newest=ARTIFACT_FORMAT_VERSION,
+        advice="upgrade promptclip (`pip install -U promptclip`), or train it again with this promptclip version",
+        version_label="prompt artifact format version")
+
+    format: str = ARTIFACT_FORMAT
+    format_version: int
+    method: MethodSection
+    backbone: BackboneSection
+    text: TextSection
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    trained_on: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, invalid: Callable[[str], Exception]) -> None:
+        """The sections the loader needs have the right types."""
+        for where, value in (("method.name", self.method.name), ("backbone.name", self.backbone.name),
+                             ("text.dataset_template", self.text.dataset_template)):
+            if not isinstance(value, str) or not value:
+                raise invalid(f"{where} must be a non-empty string, got {value!r}")
+        for where, value in (("method.config", self.method.config), ("trained_on", self.trained_on)):
+            if not isinstance(value, dict):
+                raise invalid(f"{where} must be a JSON object, got {type(value).__name__}")
+
+
 @dataclass
 class PromptArtifact:
     """A loaded artifact: the rebuilt method plus its config."""
 
     method: PromptMethod
     backbone: Backbone
-    config: dict[str, Any]
+    config: PromptConfig
     path: Path
 
     @property
     def dataset_template(self) -> str:
-        return self.config["text"]["dataset_template"]
+        return self.config.text.dataset_template
 
     @property
     def classnames(self) -> list[str]:
-        return list(self.config.get("trained_on", {}).get("classnames", []))
+        return list(self.config.trained_on.get("classnames", []))
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -85,25 +153,24 @@ def save_prompt_artifact(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ArtifactError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-    config = {
-        "format": ARTIFACT_FORMAT,
-        "format_version": ARTIFACT_FORMAT_VERSION,
-        "method": {"name": method.name, "config": method.config.to_dict(),
-                   "capabilities": method.capabilities.__dict__.copy()},
-        "backbone": {"name": backbone.name, "pretrained": backbone.pretrained,
-                     "weights_sha256": backbone.weights_sha256, "init_seed": backbone.init_seed},
-        "text": {"dataset_template": dataset_template, "prompt_template": method.prompt_template(dataset_template),
-                 "ctx_start": 1, "n_ctx": method.n_text_ctx, "context_length": backbone.context_length},
-        "preprocessing": backbone.preprocess,
-        "trained_on": dict(trained_on or {}),
-        "versions": versions(),
-    }
+    config = PromptConfig(
+        format_version=ARTIFACT_FORMAT_VERSION,
+        method=MethodSection(name=method.name, config=method.config.to_dict(),
+                             capabilities=method.capabilities.__dict__.copy()),
+        backbone=BackboneSection(name=backbone.name, pretrained=backbone.pretrained,
+                                 weights_sha256=backbone.weights_sha256, init_seed=backbone.init_seed),
+        text=TextSection(dataset_template=dataset_template, prompt_template=method.prompt_template(dataset_template),
+                         ctx_start=1, n_ctx=method.n_text_ctx, context_length=backbone.context_length),
+        preprocessing=dict(backbone.preprocess),
+        trained_on=dict(trained_on or {}),
+        versions=versions(),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-artifact-", dir=out.parent))
     try:
         state = method.trainable_state_dict()
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": f"{ARTIFACT_FORMAT}:{method.name}"})  # one key: deterministic bytes
-        _write_json_atomic(tmp / CONFIG_FILE, config)
+        _write_json_atomic(tmp / CONFIG_FILE, config.to_json())
         if metrics is not None:
             _write_json_atomic(tmp / METRICS_FILE, dict(metrics))
         if training_config is not None:
@@ -122,8 +189,12 @@ def save_prompt_artifact(
     return out
 
 
-def read_prompt_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``prompt_config.json`` of an artifact directory."""
+def read_prompt_config(path: str | os.PathLike) -> PromptConfig:
+    """Read and validate ``prompt_config.json`` of an artifact directory.
+
+    Unknown keys are ignored with one warning naming them; a newer ``format_version`` is refused with a message
+    naming it and the newest this promptclip reads.
+    """
     path = Path(path)
     cfg_path = path / CONFIG_FILE
     if not path.is_dir():
@@ -132,20 +203,14 @@ def read_prompt_config(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise ArtifactError(f"{cfg_path} is missing: {path} is not a prompt artifact (written by 'promptclip train')")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        data = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{cfg_path} is not valid JSON ({exc}); the artifact is damaged, re-run training") from exc
-    if cfg.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{cfg_path}: format is {cfg.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
-    if int(cfg.get("format_version", 0)) > ARTIFACT_FORMAT_VERSION:
-        raise ArtifactError(
-            f"{cfg_path} has format_version {cfg.get('format_version')}, newer than this promptclip reads "
-            f"({ARTIFACT_FORMAT_VERSION}); upgrade promptclip"
-        )
-    for key in ("method", "backbone", "text"):
-        if key not in cfg:
-            raise ArtifactError(f"{cfg_path} lacks the {key!r} section; the artifact is damaged, re-run training")
-    return cfg
+
+    def invalid(msg: str) -> ArtifactError:
+        return ArtifactError(f"{cfg_path}: {msg}; the artifact is damaged or not a prompt artifact, re-run training")
+
+    return PromptConfig.read(data, source=str(cfg_path), invalid=invalid, error=ArtifactError)
 
 
 def load_prompt_artifact(
@@ -165,16 +230,21 @@ def load_prompt_artifact(
 
     path = Path(path)
     cfg = read_prompt_config(path)
-    get_method_class(cfg["method"]["name"])  # unknown method -> RegistryError with the known list
-    bcfg = cfg["backbone"]
-    backbone = create_backbone(bcfg["name"], pretrained or bcfg["pretrained"], init_seed=int(bcfg.get("init_seed", 0)),
-                               device=device)
-    if check_weights and backbone.weights_sha256 != bcfg.get("weights_sha256"):
+    method_cls = get_method_class(cfg.method.name)  # unknown method -> RegistryError with the known list
+    bcfg = cfg.backbone
+    backbone = create_backbone(bcfg.name, pretrained or bcfg.pretrained, init_seed=int(bcfg.init_seed), device=device)
+    if check_weights and backbone.weights_sha256 != bcfg.weights_sha256:
         raise ArtifactError(
             f"the backbone weights loaded for {path} (sha256 {backbone.weights_sha256[:12]}) differ from the ones it "
-            f"was trained on ({str(bcfg.get('weights_sha256'))[:12]}); pass the same weights with --pretrained"
+            f"was trained on ({str(bcfg.weights_sha256)[:12]}); pass the same weights with --pretrained"
         )
-    method = create_method(cfg["method"]["name"], backbone, cfg["method"].get("config"))
+    # A stored config is read tolerantly (unknown options: one warning, ignored); user-given options stay strict.
+    cfg_path = path / CONFIG_FILE
+    method_config = config_from_dict(
+        method_cls.config_cls, cfg.method.config, f"{cfg_path} method {cfg.method.name!r} config",
+        on_unknown=lambda keys: warn_unknown_keys(PromptConfig.SPEC, str(cfg_path),
+                                                  [f"method.config.{k}" for k in keys]))
+    method = create_method(cfg.method.name, backbone, method_config)
     wpath = path / WEIGHTS_FILE
     if not wpath.is_file():
         raise ArtifactError(f"{wpath} is missing; the artifact is incomplete, re-run training")

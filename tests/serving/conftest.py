@@ -8,6 +8,9 @@ tokenised class names, so a class added at runtime must match a direct torch com
 A second session bundle (:func:`multiset_bundle`) has three prompt sets (bundle format 2): its image
 module also returns softmax expert weights ``[B, 3]`` (second ONNX output ``expert_weights``) and
 each set has its own text module (different weights) and template.
+
+Both manifests are built as :class:`serving.manifest.BundleManifest` and written by
+:func:`serving.manifest.write_manifest`, the writer ``export`` uses.
 """
 from __future__ import annotations
 
@@ -28,8 +31,6 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from serving.format import (  # noqa: E402
-    BUNDLE_FORMAT,
-    BUNDLE_FORMAT_VERSION,
     CLASS_EMBEDDINGS_FILE,
     COMBINE_WEIGHTED_SUM,
     EXPERT_WEIGHTS_OUTPUT,
@@ -37,12 +38,27 @@ from serving.format import (  # noqa: E402
     IMAGE_INPUT,
     IMAGE_OUTPUT,
     MANIFEST_FILE,
-    MULTI_SET_FORMAT_VERSION,
     TEXT_INPUT,
     TEXT_OUTPUT,
     VOCAB_FILE,
     class_embeddings_key,
     text_graph_file,
+)
+from serving.manifest import (  # noqa: E402
+    BackboneInfo,
+    BundleManifest,
+    Capabilities,
+    ClassesInfo,
+    Graphs,
+    GraphSpec,
+    MethodInfo,
+    Preprocessing,
+    PromptSets,
+    TensorSpec,
+    TextInfo,
+    bundle_versions,
+    sha256_file,
+    write_manifest,
 )
 
 TEMPLATE = "a photo of a {}."
@@ -147,51 +163,45 @@ def _export(module, example, path: Path, input_name: str, output_name: str | Seq
 
 
 def make_manifest(root: Path, class_names: Sequence[str], templates: Sequence[str] = (TEMPLATE,),
-                  prompt_set_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """A manifest for the files in ``root`` (hashes computed from the files): format 1 for one template,
+                  prompt_set_names: Sequence[str] | None = None) -> BundleManifest:
+    """The manifest model for the files in ``root`` (hashes computed from the files): format 1 for one template,
     format 2 (``prompt_sets``, ``expert_weights`` output) for several."""
-    from serving.bundle import sha256_file
-
     num_sets = len(templates)
 
-    def spec(file: str, inp: str, dtype: str, shape: list, out: str) -> dict:
-        return {"file": file, "sha256": sha256_file(root / file), "opset": 17, "exporter": "torchscript",
-                "inputs": [{"name": inp, "dtype": dtype, "shape": shape}],
-                "outputs": [{"name": out, "dtype": "float32", "shape": ["N", EMBED_DIM]}]}
+    def spec(file: str, inp: str, dtype: str, shape: list, out: str) -> GraphSpec:
+        return GraphSpec(file=file, sha256=sha256_file(root / file), opset=17, exporter="torchscript",
+                         inputs=[TensorSpec(name=inp, dtype=dtype, shape=shape)],
+                         outputs=[TensorSpec(name=out, dtype="float32", shape=["N", EMBED_DIM])])
 
     image_spec = spec(IMAGE_GRAPH_FILE, IMAGE_INPUT, "float32", ["N", 3, IMAGE_SIZE, IMAGE_SIZE], IMAGE_OUTPUT)
-    extra: dict[str, Any] = {}
+    prompt_sets = None
     if num_sets > 1:
-        image_spec["outputs"].append({"name": EXPERT_WEIGHTS_OUTPUT, "dtype": "float32", "shape": ["N", num_sets]})
-        extra["prompt_sets"] = {"names": list(prompt_set_names or [f"set{k}" for k in range(num_sets)]),
-                                "combine": COMBINE_WEIGHTED_SUM}
-    return {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION if num_sets == 1 else MULTI_SET_FORMAT_VERSION,
-        "min_reader_version": 1 if num_sets == 1 else MULTI_SET_FORMAT_VERSION,
-        **extra,
-        "created_by": {"promptclip": "test", "torch": "test"},
-        "method": {"name": "synthetic", "config": {},
-                   "capabilities": {"text_depends_on_image": False, "num_prompt_sets": num_sets, "class_bound": False,
-                                    "finetuned_image_tower": False}},
-        "backbone": {"name": "tiny-synthetic", "pretrained": None, "weights_sha256": None},
-        "embedding_dim": EMBED_DIM,
-        "logit_scale": LOGIT_SCALE,
-        "preprocessing": {"image_size": [IMAGE_SIZE, IMAGE_SIZE], "resize_mode": "shortest",
-                          "interpolation": "bicubic", "mean": [0.48145466, 0.4578275, 0.40821073],
-                          "std": [0.26862954, 0.26130258, 0.27577711], "fill_color": 0},
-        "text": {"tokenizer": "clip-bpe", "vocab_file": VOCAB_FILE, "vocab_sha256": sha256_file(root / VOCAB_FILE),
-                 "context_length": CONTEXT_LENGTH, "templates": list(templates), "max_name_tokens": CONTEXT_LENGTH - 2},
-        "classes": {"names": list(class_names), "file": CLASS_EMBEDDINGS_FILE,
-                    "sha256": sha256_file(root / CLASS_EMBEDDINGS_FILE)},
-        "graphs": {
-            "image": image_spec,
-            "text": [spec(text_graph_file(k, num_sets), TEXT_INPUT, "int64", ["N", CONTEXT_LENGTH], TEXT_OUTPUT)
-                     for k in range(num_sets)],
-        },
-        "engines": [],
-        "parity": {},
-    }
+        image_spec.outputs.append(TensorSpec(name=EXPERT_WEIGHTS_OUTPUT, dtype="float32", shape=["N", num_sets]))
+        prompt_sets = PromptSets(names=list(prompt_set_names or [f"set{k}" for k in range(num_sets)]),
+                                 combine=COMBINE_WEIGHTED_SUM)
+    return BundleManifest(
+        **bundle_versions(num_sets),
+        prompt_sets=prompt_sets,
+        created_by={"promptclip": "test", "torch": "test"},
+        method=MethodInfo(name="synthetic", config={},
+                          capabilities=Capabilities(text_depends_on_image=False, num_prompt_sets=num_sets,
+                                                    class_bound=False, finetuned_image_tower=False)),
+        backbone=BackboneInfo(name="tiny-synthetic", pretrained=None, weights_sha256=None),
+        embedding_dim=EMBED_DIM,
+        logit_scale=LOGIT_SCALE,
+        preprocessing=Preprocessing(image_size=[IMAGE_SIZE, IMAGE_SIZE], resize_mode="shortest",
+                                    interpolation="bicubic", mean=[0.48145466, 0.4578275, 0.40821073],
+                                    std=[0.26862954, 0.26130258, 0.27577711], fill_color=0),
+        text=TextInfo(tokenizer="clip-bpe", vocab_file=VOCAB_FILE, vocab_sha256=sha256_file(root / VOCAB_FILE),
+                      context_length=CONTEXT_LENGTH, templates=list(templates), max_name_tokens=CONTEXT_LENGTH - 2),
+        classes=ClassesInfo(names=list(class_names), file=CLASS_EMBEDDINGS_FILE,
+                            sha256=sha256_file(root / CLASS_EMBEDDINGS_FILE)),
+        graphs=Graphs(image=image_spec,
+                      text=[spec(text_graph_file(k, num_sets), TEXT_INPUT, "int64", ["N", CONTEXT_LENGTH], TEXT_OUTPUT)
+                            for k in range(num_sets)]),
+        engines=[],
+        parity={},
+    )
 
 
 def _new_bundle_dir(tmp_path_factory, name: str):
@@ -227,7 +237,7 @@ def synthetic_bundle(tmp_path_factory) -> SyntheticBundle:
             return image_module(torch.from_numpy(pixels)).numpy().astype(np.float32)
 
     save_file({"class_embeddings": np.ascontiguousarray(text_embed(CLASS_NAMES))}, str(root / CLASS_EMBEDDINGS_FILE))
-    (root / MANIFEST_FILE).write_text(json.dumps(make_manifest(root, CLASS_NAMES), indent=1))
+    write_manifest(root, make_manifest(root, CLASS_NAMES))
     return SyntheticBundle(root, list(CLASS_NAMES), TEMPLATE, text_embed, image_embed)
 
 
@@ -259,8 +269,7 @@ def multiset_bundle(tmp_path_factory) -> MultiSetBundle:
 
     save_file({class_embeddings_key(k, num_sets): np.ascontiguousarray(text_embed(CLASS_NAMES, k))
                for k in range(num_sets)}, str(root / CLASS_EMBEDDINGS_FILE))
-    manifest = make_manifest(root, CLASS_NAMES, MULTISET_TEMPLATES, MULTISET_NAMES)
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    write_manifest(root, make_manifest(root, CLASS_NAMES, MULTISET_TEMPLATES, MULTISET_NAMES))
     return MultiSetBundle(root, list(CLASS_NAMES), list(MULTISET_TEMPLATES), list(MULTISET_NAMES), text_embed,
                           image_embed)
 
@@ -319,3 +328,10 @@ def image_bytes() -> Callable[..., bytes]:
 def pil_image() -> Callable[..., Image.Image]:
     """``pil_image(seed=0, size=(48, 40))``: a random RGB PIL image."""
     return _pil_image
+
+
+@pytest.fixture
+def build_manifest() -> Callable[..., BundleManifest]:
+    """``build_manifest(root, class_names, templates=(TEMPLATE,), prompt_set_names=None)``: the manifest model the
+    session bundles are written with, for the files in ``root``."""
+    return make_manifest

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from serving import bundle as bundle_mod
+from serving import format as format_mod
 from serving.bundle import Bundle, load_bundle, load_class_embeddings, sha256_file
 from serving.errors import BundleError, RuntimeUnavailableError
 from serving.format import CLASS_EMBEDDINGS_FILE, IMAGE_GRAPH_FILE, MANIFEST_FILE, READER_VERSION
@@ -135,7 +135,7 @@ def test_file_outside_bundle_is_refused(bundle_copy, edit_manifest):
 
 
 def test_unknown_top_level_keys_warn_once(bundle_copy, edit_manifest, caplog, monkeypatch):
-    monkeypatch.setattr(bundle_mod, "_warned_unknown_keys", set())
+    monkeypatch.setattr(format_mod, "_warned_unknown", set())
     edit_manifest(bundle_copy, lambda m: m.update(future_thing={"a": 1}))
     with caplog.at_level(logging.WARNING, logger="serving.bundle"):
         load_bundle(bundle_copy)

@@ -112,8 +112,8 @@ def test_artifact_round_trip_holds_only_trainable_tensors(tmp_path):
     keys = set(load_file(str(path / "prompt_weights.safetensors")))
     assert keys == set(m.trainable_parameters())
     cfg = read_prompt_config(path)
-    assert cfg["format_version"] == 1 and cfg["method"]["name"] == "ivlp"
-    assert cfg["backbone"]["weights_sha256"] == bb.weights_sha256
+    assert cfg.format_version == 1 and cfg.method.name == "ivlp"
+    assert cfg.backbone.weights_sha256 == bb.weights_sha256
     art = load_prompt_artifact(path)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -152,8 +152,8 @@ def test_train_run_reports_base_new_and_harmonic_mean(trained):
         assert m["base_num_images"] == 8 and m["new_num_images"] == 8
         assert "RANDOM" in m["weights"]
         cfg = read_prompt_config(run.artifact)
-        assert cfg["trained_on"]["classnames"] == sorted(cfg["trained_on"]["classnames"])
-        assert len(cfg["trained_on"]["classnames"]) == 4
+        assert cfg.trained_on["classnames"] == sorted(cfg.trained_on["classnames"])
+        assert len(cfg.trained_on["classnames"]) == 4
 
 
 def test_evaluate_scores_image_conditioned_text_per_image():

@@ -280,8 +280,8 @@ def test_artifact_holds_everything_needed_to_serve(guidg_run):
     assert any(k.startswith("visual.") for k in state) and not any(k.startswith("clip.") for k in state)
     assert [s["stage"] for s in run.metrics["stages"]] == ["expert-0", "expert-1", "finetune"]
     art = load_prompt_artifact(run.artifact)
-    assert art.config["method"]["config"]["domains"] == ["a", "b"]
-    assert art.config["trained_on"]["domains"] == ["a", "b"]
+    assert art.config.method.config["domains"] == ["a", "b"]
+    assert art.config.trained_on["domains"] == ["a", "b"]
     assert float(art.method.head.keys.abs().sum()) > 0  # fixed at the end of fine-tuning, saved
 
 

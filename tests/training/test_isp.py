@@ -381,7 +381,7 @@ def test_train_and_export_variant_a_extends_classes_at_runtime(shapes, tmp_path)
     run = _train(shapes, tmp_path / "run")
     assert np.isfinite(run.metrics["final_loss"]) and "base_accuracy" in run.metrics
     art = load_prompt_artifact(run.artifact)
-    assert art.config["method"]["capabilities"]["text_depends_on_image"] is False
+    assert art.config.method.capabilities["text_depends_on_image"] is False
     gates = [float(getattr(art.method, g).detach().abs().max()) for g in GATES]
     assert all(v > 0 for v in gates)  # two steps moved every gate off 0: the structural ops are live
     open_gates(art.method, 0.5)  # make SSP/CSP dominant so the exported graphs really carry them
