@@ -359,11 +359,20 @@ class ClassRegistry:
                        for n in names]
         except ClassNameError as exc:
             raise corrupt(f"{exc}") from exc
-        if checked != names:
-            bad = next(n for n, c in zip(names, checked) if n != c)
-            raise corrupt(f"name {_preview(bad)} is not normalised")
         if len(set(names)) != len(names):
             raise corrupt("names has duplicates")
+        if checked != names:
+            # e.g. "golden_retriever" added at runtime before underscores became spaces: keep the class, under the
+            # name the class-name rule gives it (the file is rewritten at the next change)
+            renamed = [(n, c) for n, c in zip(names, checked) if n != c]
+            logger.warning("class state file %s: %d name(s) rewritten by the class-name rule (%s); the file keeps "
+                           "the old spelling until the next add/remove", path, len(renamed),
+                           ", ".join(f"{_preview(a)} -> {_preview(b)}" for a, b in renamed[:5]))
+            merged = list(dict.fromkeys(checked))
+            if len(merged) != len(checked):
+                logger.warning("class state file %s: %d name(s) became the same class under the class-name rule "
+                               "and are kept once", path, len(checked) - len(merged))
+            names = merged
         return version, names, _signature(st)
 
     def _commit_locked(self, names: list[str]) -> None:

@@ -188,6 +188,22 @@ def test_corrupt_state_file_is_refused_and_kept(make, tmp_path, content):
     assert path.read_text() == content  # never overwritten
 
 
+def test_state_from_before_the_class_name_rule_keeps_its_classes(make, tmp_path, caplog):
+    """A runtime class stored as ``golden_retriever`` (before underscores became spaces) is kept, renamed by the
+    rule with a warning; two spellings of one class are kept once; the file is only rewritten by the next change."""
+    path = tmp_path / STATE_FILE
+    old = {"format": "promptclip.classes", "format_version": 1, "version": 4,
+           "names": ["cat", "golden_retriever", "golden retriever", "red  car"]}
+    path.write_text(json.dumps(old))
+    with caplog.at_level("WARNING", logger="serving.classes"):
+        reg = make(tmp_path)
+    assert reg.names() == ["cat", "golden retriever", "red car"] and reg.version == 4
+    assert "rewritten by the class-name rule" in caplog.text and "kept once" in caplog.text
+    assert json.loads(path.read_text()) == old
+    reg.add(["zebra"])
+    assert json.loads(path.read_text())["names"] == ["cat", "golden retriever", "red car", "zebra"]
+
+
 def test_corrupt_file_during_mutation_is_not_overwritten(make, tmp_path):
     reg = make(tmp_path)
     (tmp_path / STATE_FILE).write_text("garbage")

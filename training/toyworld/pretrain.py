@@ -25,8 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.backbone import OPENAI_MEAN, OPENAI_STD, TOY_CLIP_WEIGHTS, get_backbone_spec, save_compact_weights, \
-    state_fingerprint
+from serving.manifest import sha256_file
+from training.backbone import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    TOY_CLIP_WEIGHTS,
+    get_backbone_spec,
+    load_weights_file,
+    save_compact_weights,
+    state_fingerprint,
+)
 from training.toyworld import world
 
 log = logging.getLogger(__name__)
@@ -175,10 +183,6 @@ def pretrain(cfg: PretrainConfig, out_path: str | Path = DEFAULT_WEIGHTS_PATH, *
                for s in world.STYLES}
     out_path = Path(out_path)
     save_compact_weights(model, out_path, metadata={"format": "promptclip.compact", "backbone": "toy-clip"})
-    from serving.bundle import sha256_file
-
-    from training.backbone import load_weights_file
-
     check = build_model(cfg.seed + 1, vocab)
     load_weights_file(check, str(out_path))
     info = {"backbone": "toy-clip", "config": asdict(cfg), "seconds": round(seconds, 1),
