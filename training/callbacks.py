@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 

@@ -16,9 +16,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class TrainConfig:
             raise ValueError("batch_size and epochs must be >= 1 and lr > 0")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
         return config_from_dict(cls, values, "training config")
 
     def to_dict(self) -> dict[str, Any]:

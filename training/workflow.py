@@ -9,21 +9,30 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from training.artifact import PromptArtifact, load_prompt_artifact, save_prompt_artifact
 from training.backbone import Backbone, create_backbone
-from training.data import (DatasetSplits, ImageListDataset, Sample, few_shot_cached, holdout_split,
-                           make_domain_balanced_loader, make_loader, read_image_folder, sample_few_shot,
-                           subsample_classes)
+from training.data import (
+    DatasetSplits,
+    ImageListDataset,
+    Sample,
+    few_shot_cached,
+    holdout_split,
+    make_domain_balanced_loader,
+    make_loader,
+    read_image_folder,
+    sample_few_shot,
+    subsample_classes,
+)
 from training.engine import TrainConfig, evaluate, load_stage_tensors, resolve_device, stage_tensors, train
 from training.errors import ArtifactError, DatasetError
-from training.methods import (MethodConfig, PromptMethod, TrainContext, TrainStage, create_method,
-                              get_method_class)
+from training.methods import MethodConfig, PromptMethod, TrainContext, TrainStage, create_method, get_method_class
 
 log = logging.getLogger(__name__)
 

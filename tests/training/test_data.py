@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from serving.errors import PromptclipError
 from training.data import (
     DatasetSplits,
     ImageListDataset,
@@ -21,7 +22,6 @@ from training.data import (
     subsample_classes,
 )
 from training.errors import DatasetError
-from serving.errors import PromptclipError
 
 
 def _img(path: Path, color=(200, 10, 10), size=(8, 6)) -> Path:

@@ -289,9 +289,8 @@ def test_rerun_loads_finished_stages(guidg_run, caplog):
     from safetensors.torch import load_file
 
     from training.artifact import WEIGHTS_FILE
-    from training.workflow import train_run
-
     from training.errors import ArtifactError
+    from training.workflow import train_run
 
     run, kwargs = guidg_run
     first = load_file(str(run.artifact / WEIGHTS_FILE))

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from promptclip_testing import make_fake_oxford_pets
 from promptclip.cli import main
+from promptclip_testing import make_fake_oxford_pets
 from training.protocols.reproduce import ReproduceConfig, run_reproduce
 
 TRAIN = {"max_steps": 2, "batch_size": 8, "device": "cpu", "precision": "fp32", "lr": 0.01}

@@ -25,13 +25,25 @@ from training.data.catalog import (
     list_datasets,
     list_domain_datasets,
 )
-from training.data.dataset import (DomainBalancedBatches, ImageListDataset, load_rgb, make_domain_balanced_loader,
-                                   make_loader)
+from training.data.dataset import (
+    DomainBalancedBatches,
+    ImageListDataset,
+    load_rgb,
+    make_domain_balanced_loader,
+    make_loader,
+)
 from training.data.fewshot_cache import few_shot_cached
 from training.data.folder import IMAGE_EXTENSIONS, list_images, read_image_folder
 from training.data.readers_coop import CoopSplit, read_dataset, read_imagenet_classnames, read_split_json
-from training.data.readers_domainbed import (HoldoutSplit, holdout_split, leave_one_domain_out, multi_source_task,
-                                             read_domain_dataset, read_domain_folders, read_imagenet_dg)
+from training.data.readers_domainbed import (
+    HoldoutSplit,
+    holdout_split,
+    leave_one_domain_out,
+    multi_source_task,
+    read_domain_dataset,
+    read_domain_folders,
+    read_imagenet_dg,
+)
 from training.data.samples import (
     SUBSAMPLE_CHOICES,
     DatasetSplits,

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,7 +167,7 @@ class DomainBalancedBatches(torch.utils.data.Sampler[list[int]]):
                 yield indices[j]
 
 
-def make_domain_balanced_loader(dataset: "ImageListDataset", *, batch_size: int, seed: int = 0,
+def make_domain_balanced_loader(dataset: ImageListDataset, *, batch_size: int, seed: int = 0,
                                 num_workers: int = 0, pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader whose every batch holds ``batch_size // n_domains`` images of each domain (at least one)."""
     domains = [s.domain for s in dataset.samples]

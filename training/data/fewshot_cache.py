@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from training.data.samples import DatasetSplits, Sample, sample_few_shot
 from training.errors import DatasetError

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 from training.data.samples import DatasetSplits, Sample, class_name_from_folder
 from training.errors import DatasetError

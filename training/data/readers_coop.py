@@ -45,7 +45,8 @@ import json
 import logging
 import os
 import re
-from typing import Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 from training.data.catalog import DatasetInfo, dataset_info, name_key
 from training.data.files import images_per_folder, read_text_lines, require_dir, require_file, subdirs

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from training.data.catalog import (IMAGENET_DG_SOURCES, PHOTO_TEMPLATE, domain_dataset_info,
-                                   imagenet_dg_target_domain, is_imagenet_dg, name_key)
+from training.data.catalog import (
+    IMAGENET_DG_SOURCES,
+    PHOTO_TEMPLATE,
+    domain_dataset_info,
+    imagenet_dg_target_domain,
+    is_imagenet_dg,
+    name_key,
+)
 from training.data.files import images_per_folder, require_dir, subdirs
 from training.data.readers_coop import read_imagenet_classnames
 from training.data.samples import DatasetSplits, Sample, class_name_from_folder

@@ -8,8 +8,8 @@ import logging
 import math
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from serving.format import canonical_class_name
 from training.errors import DatasetError

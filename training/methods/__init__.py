@@ -5,12 +5,20 @@ module with a :class:`~training.methods.base.PromptMethod` subclass plus one lin
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from training.backbone import Backbone
 from training.errors import RegistryError
-from training.methods.base import (PROMPT_DEPTH, Capabilities, MethodConfig, PromptMethod, TrainBatch,
-                                   TrainContext, TrainStage)
+from training.methods.base import (
+    PROMPT_DEPTH,
+    Capabilities,
+    MethodConfig,
+    PromptMethod,
+    TrainBatch,
+    TrainContext,
+    TrainStage,
+)
 from training.methods.coop import CoOp
 from training.methods.disa import DiSa
 from training.methods.guidg import GuiDG

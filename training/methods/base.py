@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ class MethodConfig:
     """Base of the frozen per-method config dataclasses (JSON round-trip, validated)."""
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> "MethodConfig":
+    def from_dict(cls, values: Mapping[str, Any] | None) -> MethodConfig:
         return config_from_dict(cls, values, cls.__name__)
 
     def to_dict(self) -> dict[str, Any]:
@@ -316,7 +317,7 @@ class PromptMethod(nn.Module):
                     raise ConfigError(f"{self.name}: tensor {n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}")
                 p.copy_(state[n].to(p.device, p.dtype))
 
-    def train(self, mode: bool = True) -> "PromptMethod":
+    def train(self, mode: bool = True) -> PromptMethod:
         super().train(mode)
         self.clip.eval()  # the frozen CLIP never leaves eval mode (dropout, patch dropout off)
         return self

@@ -44,8 +44,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,16 @@ from torch import nn
 from training.backbone import Backbone
 from training.callbacks import BetaMovingAverage, Callback, WiseFT
 from training.errors import ConfigError
-from training.methods.base import (Capabilities, InstanceCapabilities, MethodConfig, PromptMethod, TrainBatch,
-                                   TrainContext, TrainStage, init_prompt)
+from training.methods.base import (
+    Capabilities,
+    InstanceCapabilities,
+    MethodConfig,
+    PromptMethod,
+    TrainBatch,
+    TrainContext,
+    TrainStage,
+    init_prompt,
+)
 from training.prompting.encoders import PromptedVisionEncoder
 
 log = logging.getLogger(__name__)
@@ -343,7 +352,7 @@ class GuiDG(PromptMethod):
         return {"loss": loss, "ce": ce.mean().detach(), "logits": logits,
                 "expert_weight_entropy": -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean().detach()}
 
-    def train(self, mode: bool = True) -> "GuiDG":
+    def train(self, mode: bool = True) -> GuiDG:
         super().train(mode)
         self.visual.eval()  # CLIP's towers have no dropout/batch-norm; eval keeps patch dropout etc. off
         return self

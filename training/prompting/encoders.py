@@ -36,18 +36,18 @@ per-image ``[B, n, W]`` (vision). The hook is part of the traced graph (export-s
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LayerPrompts = Sequence[Optional[torch.Tensor]]
+LayerPrompts = Sequence[torch.Tensor | None]
 #: ``(layer_index, prompts, hidden_states, token_ids_or_None) -> prompts`` (see the module docstring).
-PromptHook = Callable[[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+PromptHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def _check_layers(layer_prompts: LayerPrompts | None, n_layers: int, tower: str) -> list[Optional[torch.Tensor]]:
+def _check_layers(layer_prompts: LayerPrompts | None, n_layers: int, tower: str) -> list[torch.Tensor | None]:
     if layer_prompts is None:
         return [None] * n_layers
     prompts = list(layer_prompts)
