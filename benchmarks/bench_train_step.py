@@ -41,7 +41,7 @@ def main() -> int:
     from training.backbone import create_backbone
     from training.engine import autocast_dtype, resolve_device
     from training.methods import TrainBatch, TrainContext, create_method
-    from training.toyworld.bench import _method_config
+    from training.protocols.runner import method_config_for_backbone
 
     device = resolve_device(args.device)
     amp = autocast_dtype("auto", device)
@@ -54,7 +54,7 @@ def main() -> int:
         built = {}
         for name in methods:
             bb = create_backbone(args.backbone, args.pretrained, device=device)
-            m = create_method(name, bb, _method_config(name, args.backbone)).to(device)
+            m = create_method(name, bb, method_config_for_backbone(name, args.backbone)).to(device)
             tok = bb.tokenizer()
             names = [f"class {i}" for i in range(args.num_classes)]
             ids = tok(m.prompt_texts(names, "a photo of a {}."))

@@ -10,10 +10,12 @@
   split; ``imagenet-dg`` trains on ImageNet / -Sketch / -V2 and tests on ImageNet-A, ImageNet val and ImageNet-R.
   ``shots`` 0 is the full-data protocol (pair it with ``--set holdout_fraction=0.7`` for GuiDG).
 
-Every finished (dataset, seed[, shots]) run is appended to ``OUT/runs.jsonl`` and skipped when the command runs
-again, so an interrupted reproduction resumes. Few-shot selections are cached per dataset/shots/seed as JSON.
-Datasets are the registry names of ``training.data.list_datasets()`` plus ``toyworld-<style>`` (generated on demand
-under ``ROOT/toyworld/``), so the whole pipeline can be exercised offline.
+The loops are those of :class:`training.protocols.runner.ProtocolRunner` (shared with ``promptclip bench
+toyworld``): every finished (dataset, seed[, shots]) run is appended to ``OUT/runs.jsonl`` and skipped when the
+command runs again, so an interrupted reproduction resumes. Few-shot selections are cached per dataset/shots/seed as
+JSON. Datasets come from :func:`dataset_provider`: the registry names of ``training.data.list_datasets()`` plus the
+toy world (``toyworld-<style>``, ``toyworld-dg-<style>`` and, for ``multi-source-dg``, ``toyworld``; generated on
+demand under ``ROOT/toyworld/``), so the whole pipeline can be exercised offline.
 """
 from __future__ import annotations
 
@@ -23,16 +25,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from training.data import DatasetSplits, read_dataset
-from training.engine import TrainConfig
 from training.errors import ConfigError
 from training.protocols import report
-from training.protocols.runlog import RunLog
+from training.protocols.providers import (
+    DEFAULT_B2N,
+    DEFAULT_DG_TARGETS,
+    DEFAULT_MULTI_SOURCE,
+    PROTOCOLS,
+    CatalogProvider,
+    CombinedProvider,
+    DatasetProvider,
+)
+from training.protocols.runner import ProtocolRunner, RunNaming
+from training.toyworld.provider import ToyWorldProvider
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("base2novel", "cross-dataset", "domain-generalization", "few-shot", "multi-source-dg")
-DEFAULT_MULTI_SOURCE = ("PACS", "VLCS", "TerraIncognita")
+__all__ = ["DEFAULT_B2N", "DEFAULT_DG_TARGETS", "DEFAULT_MULTI_SOURCE", "NAMING", "PROTOCOLS", "REPORTED_B2N_AVERAGE",
+           "REPORTED_MULTI_SOURCE", "ReproduceConfig", "dataset_provider", "run_reproduce", "write_tables"]
 
 #: Appendix Table 8 of GuiDG (methods.md §5.8), full-data DomainBed DG with ViT-B/16, as *reported by the authors*:
 #: per target domain in ``training.data.DOMAIN_DATASETS`` order, then the average.
@@ -47,9 +57,6 @@ REPORTED_MULTI_SOURCE = {
              "ERM (WF) + GuiDG": (98.5, 99.4, 100.0, 92.5, 97.6), "CLIPood": (99.0, 99.6, 100.0, 90.7, 97.3),
              "CLIPood + GuiDG": (98.3, 99.6, 100.0, 91.1, 97.3)},
 }
-DEFAULT_B2N = ("ImageNet", "Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "FGVCAircraft",
-               "SUN397", "DTD", "EuroSAT", "UCF101")
-DEFAULT_DG_TARGETS = ("ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR")
 
 #: Averages over the 11 datasets as *reported by their authors* (methods.md §6.1; ViT-B/16, 16 shots, 3 seeds).
 REPORTED_B2N_AVERAGE = {
@@ -78,111 +85,50 @@ class ReproduceConfig:
             raise ConfigError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
 
 
-def load_dataset(name: str, root: str | Path) -> DatasetSplits:
-    """A registry dataset under ``root``, or ``toyworld-<style>`` generated under ``root/toyworld/<style>``."""
-    if name.startswith("toyworld-"):
-        from training.toyworld import world
-
-        style = name.split("-", 1)[1]
-        splits = world.write_style_dataset(Path(root) / "toyworld" / style, style,
-                                           classes=world.style_classes(style, num_classes=20, seed=0),
-                                           train_per_class=32, test_per_class=8, seed=0)
-        splits.name = name
-        return splits
-    return read_dataset(name, root)
+#: Run ids and row fields of ``promptclip reproduce`` (one method per output folder, so no method in the ids).
+NAMING = RunNaming({
+    "base2novel": "b2n/{dataset}/seed{seed}",
+    "source": "source/{dataset}/seed{seed}",
+    "cross-dataset": "cross-dataset/{dataset}/seed{seed}",
+    "domain-generalization": "domain-generalization/{dataset}/seed{seed}",
+    "multi-source-dg": "multi-source-dg/{dataset}/{target}/seed{seed}",
+    "few-shot": "few-shot/{dataset}/{shots}shot/seed{seed}",
+})
 
 
-def _train_cfg(cfg: ReproduceConfig, seed: int) -> TrainConfig:
-    return TrainConfig.from_dict({**cfg.train, "seed": seed})
+def dataset_provider(root: str | Path) -> DatasetProvider:
+    """The benchmark catalog under ``root`` plus ``toyworld-<style>`` / ``toyworld-dg-<style>`` / ``toyworld``
+    (generated under ``root/toyworld/``)."""
+    return CombinedProvider(ToyWorldProvider(Path(root) / "toyworld", prefix="toyworld-"), CatalogProvider(root))
 
 
 def run_reproduce(cfg: ReproduceConfig, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) one protocol into ``out``; writes results.md, CSV, summary.json and PNG plots."""
-    from training.workflow import evaluate_artifact, train_run
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = RunLog(out / "runs.jsonl")
-    cache = out / "few_shot_cache"
     t0 = time.perf_counter()
-    common = dict(method_name=cfg.method, backbone_name=cfg.backbone, pretrained=cfg.pretrained,
-                  method_config=cfg.method_config, overwrite=True, progress=progress)
-
+    provider = dataset_provider(cfg.root)
+    runner = ProtocolRunner(provider, Path(out), NAMING, methods=(cfg.method,), seeds=cfg.seeds, shots=cfg.shots[0],
+                            backbone=cfg.backbone, pretrained=cfg.pretrained, method_config=cfg.method_config,
+                            train=cfg.train, few_shot_cache=True, progress=progress)
+    datasets = cfg.datasets or provider.default_datasets(cfg.protocol)
     if cfg.protocol == "base2novel":
-        for name in cfg.datasets or DEFAULT_B2N:
-            data = None
-            for seed in cfg.seeds:
-                run_id = f"b2n/{name}/seed{seed}"
-                if run_id in runs:
-                    continue
-                data = data or load_dataset(name, cfg.root)
-                res = train_run(data_root=data, out_dir=out / "runs" / run_id, train_config=_train_cfg(cfg, seed),
-                                shots=cfg.shots[0], subsample="base", few_shot_cache=cache / name, **common)
-                m = res.metrics
-                runs.add({"run_id": run_id, "dataset": name, "seed": seed, "method": cfg.method,
-                          "base": m["base_accuracy"], "new": m["new_accuracy"], "hm": m["harmonic_mean"]})
-                log.info("%s: base %.2f new %.2f HM %.2f", run_id, 100 * m["base_accuracy"],
-                         100 * m["new_accuracy"], 100 * m["harmonic_mean"])
+        runner.base2novel(datasets)
     elif cfg.protocol in ("cross-dataset", "domain-generalization"):
-        targets = cfg.datasets or (DEFAULT_B2N[1:] if cfg.protocol == "cross-dataset" else DEFAULT_DG_TARGETS)
-        for seed in cfg.seeds:
-            pending = [t for t in targets if f"{cfg.protocol}/{t}/seed{seed}" not in runs]
-            if not pending:
-                continue
-            src_dir = out / "runs" / f"source/{cfg.source}/seed{seed}"
-            if (src_dir / "artifact" / "prompt_config.json").exists():
-                artifact = src_dir / "artifact"  # trained before an interruption: reuse
-            else:
-                source = load_dataset(cfg.source, cfg.root)
-                artifact = train_run(data_root=source, out_dir=src_dir, train_config=_train_cfg(cfg, seed),
-                                     shots=cfg.shots[0], subsample="all", evaluate_splits=False,
-                                     few_shot_cache=cache / cfg.source, **common).artifact
-            from training.artifact import load_prompt_artifact
-
-            art = load_prompt_artifact(artifact, pretrained=cfg.pretrained)
-            for target in pending:
-                r = evaluate_artifact(art, load_dataset(target, cfg.root), subsample="all")
-                runs.add({"run_id": f"{cfg.protocol}/{target}/seed{seed}", "dataset": target, "seed": seed,
-                          "method": cfg.method, "accuracy": r["accuracy"]})
+        runner.transfer(cfg.source, {cfg.protocol: {t: t for t in datasets}})
     elif cfg.protocol == "multi-source-dg":
-        from training.data import IMAGENET_DG_TARGETS, dataset_domains, is_imagenet_dg, multi_source_task
-
-        for name in cfg.datasets or DEFAULT_MULTI_SOURCE:
-            targets = list(IMAGENET_DG_TARGETS) if is_imagenet_dg(name) else dataset_domains(name)
-            for seed in cfg.seeds:
-                for target in targets:
-                    run_id = f"multi-source-dg/{name}/{target}/seed{seed}"
-                    if run_id in runs:
-                        continue
-                    task = multi_source_task(cfg.root, target, dataset=name, seed=seed)
-                    res = train_run(data_root=task, out_dir=out / "runs" / run_id, train_config=_train_cfg(cfg, seed),
-                                    shots=cfg.shots[0], subsample="all", **common)
-                    runs.add({"run_id": run_id, "dataset": name, "target": target, "seed": seed,
-                              "method": cfg.method, "accuracy": res.metrics["all_accuracy"]})
-                    log.info("%s: target accuracy %.2f", run_id, 100 * res.metrics["all_accuracy"])
-    else:  # few-shot
-        for name in cfg.datasets or DEFAULT_B2N:
-            data = None
-            for k in cfg.shots:
-                for seed in cfg.seeds:
-                    run_id = f"few-shot/{name}/{k}shot/seed{seed}"
-                    if run_id in runs:
-                        continue
-                    data = data or load_dataset(name, cfg.root)
-                    res = train_run(data_root=data, out_dir=out / "runs" / run_id, train_config=_train_cfg(cfg, seed),
-                                    shots=k, subsample="all", few_shot_cache=cache / name, **common)
-                    runs.add({"run_id": run_id, "dataset": name, "seed": seed, "shots": k, "method": cfg.method,
-                              "accuracy": res.metrics["all_accuracy"]})
-    summary = write_tables(cfg, out, list(runs.rows.values()))
+        runner.multi_source(datasets)
+    else:
+        runner.few_shot(datasets, cfg.shots)
+    summary = write_tables(cfg, runner.out, runner.rows())
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    report.write_json(out / "summary.json", summary)
+    report.write_json(runner.out / "summary.json", summary)
     return summary
 
 
 def write_tables(cfg: ReproduceConfig, out: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     rows = [r for r in rows if r.get("method") == cfg.method]
     summary: dict[str, Any] = {"config": asdict(cfg)}
-    title = f"# {cfg.protocol}: {cfg.method} on {cfg.backbone} ({cfg.pretrained or 'default weights'}), seeds {list(cfg.seeds)}"
+    title = (f"# {cfg.protocol}: {cfg.method} on {cfg.backbone} ({cfg.pretrained or 'default weights'}), "
+             f"seeds {list(cfg.seeds)}")
     md = [title, ""]
     if cfg.protocol == "base2novel":
         groups = list(dict.fromkeys(r["dataset"] for r in rows))
