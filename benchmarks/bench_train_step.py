@@ -40,8 +40,7 @@ def main() -> int:
 
     from training.backbone import create_backbone
     from training.engine import autocast_dtype, resolve_device
-    from training.methods import TrainBatch, TrainContext, create_method
-    from training.protocols.runner import method_config_for_backbone
+    from training.methods import TrainBatch, TrainContext, create_method, method_config_for_backbone
 
     device = resolve_device(args.device)
     amp = autocast_dtype("auto", device)

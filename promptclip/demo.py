@@ -18,10 +18,9 @@ import numpy as np
 
 from export.bundle import export_bundle
 from promptclip.server import ServerProcess
-from training.backbone import get_backbone_spec
 from training.data import subsample_classes
 from training.engine import TrainConfig
-from training.methods import get_method_class
+from training.methods import method_config_for_backbone
 from training.toyworld import world
 from training.workflow import train_run
 
@@ -62,8 +61,8 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "toy-
     cfg = TrainConfig(epochs=1000, max_steps=steps, batch_size=16, lr=0.01, precision="auto", device="auto", seed=1,
                       log_every=10)
     res = train_run(method_name="ivlp", data_root=out / "toyworld_data", out_dir=out / "run", backbone_name=backbone,
-                    pretrained=pretrained, method_config=_fit_depth("ivlp", backbone), train_config=cfg, shots=16,
-                    subsample="base")
+                    pretrained=pretrained, method_config=method_config_for_backbone("ivlp", backbone),
+                    train_config=cfg, shots=16, subsample="base")
     m = res.metrics
     _say("weights", m["weights"])
     if "RANDOM" in m["weights"]:
@@ -116,12 +115,6 @@ def _classify(client: httpx.Client, image_path: Path, top_k: int = 3) -> list[di
         raise RuntimeError(f"/classify answered {r.status_code}: {r.text}")
     body = r.json()
     return body["predictions"] if isinstance(body, dict) else body
-
-
-def _fit_depth(method: str, backbone: str) -> dict[str, int]:
-    """``method``'s prompt depths fitted to ``backbone`` (the method hook; nothing when the depth is unknown)."""
-    layers = get_backbone_spec(backbone).num_layers
-    return get_method_class(method).config_for_backbone(layers) if layers is not None else {}
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
+from training.methods import method_config_for_backbone
 from training.protocols.reproduce import ReproduceConfig, dataset_provider, run_reproduce
-from training.protocols.runner import ProtocolRunner, RunNaming, method_config_for_backbone
-from training.toyworld.bench import BenchConfig, run_bench
+from training.protocols.runner import ProtocolRunner, RunNaming
+from training.protocols.toybench import BenchConfig, run_bench
 from training.toyworld.provider import WORLD, ToyWorldProvider
 
 

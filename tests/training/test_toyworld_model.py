@@ -34,7 +34,7 @@ def test_shipped_weights_match_their_record():
 
 @pytest.fixture(scope="module")
 def mini_bench(tmp_path_factory):
-    from training.toyworld.bench import BenchConfig, run_bench
+    from training.protocols.toybench import BenchConfig, run_bench
 
     cfg = BenchConfig(methods=("zeroshot", "coop", "ivlp"), seeds=(1,), styles=("clean", "palette"),
                       num_classes=12, shots=8, test_per_class=6, steps=40, protocols=("base2novel",))
@@ -57,7 +57,7 @@ def test_learned_prompts_beat_zero_shot_on_base(mini_bench):
 
 
 def test_bench_writes_tables_and_charts_and_resumes(mini_bench):
-    from training.toyworld.bench import BenchConfig, run_bench
+    from training.protocols.toybench import BenchConfig, run_bench
 
     summary, out = mini_bench
     for name in ("results.md", "base2novel.csv", "summary.json", "b2n_hm.png", "runs.jsonl"):
@@ -78,7 +78,7 @@ def test_leave_one_style_out_protocol(tmp_path):
     """Multi-source DG on the toy world: the other styles are the source domains, one target style is tested."""
     import json
 
-    from training.toyworld.bench import BenchConfig, run_bench
+    from training.protocols.toybench import BenchConfig, run_bench
 
     methods = ("zeroshot", "guidg[use_experts=false,loss=erm]", "guidg")
     cfg = BenchConfig(seeds=(1,), styles=("clean", "sketch", "palette"), num_classes=6, shots=4, test_per_class=3,
@@ -96,7 +96,7 @@ def test_leave_one_style_out_protocol(tmp_path):
 
 def test_method_variant_specs_for_ablations():
     from training.errors import ConfigError
-    from training.toyworld.bench import parse_method_spec
+    from training.protocols.toybench import parse_method_spec
 
     assert parse_method_spec("ivlp") == ("ivlp", {})
     assert parse_method_spec("disa[use_cir=false, mask_ratio=0.5,saliency_target=topk]") == (

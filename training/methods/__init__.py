@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from training.backbone import Backbone
+from training.backbone import Backbone, get_backbone_spec
 from training.errors import RegistryError
 from training.methods.base import (
     PROMPT_DEPTH,
@@ -60,7 +60,17 @@ def create_method(name: str, backbone: Backbone, config: Mapping[str, Any] | Met
     return cls(backbone, cfg)
 
 
+def method_config_for_backbone(method: str, backbone: str, overrides: Mapping[str, Any] | None = None
+                               ) -> dict[str, Any]:
+    """``overrides`` plus ``method``'s prompt depths fitted to the backbone named ``backbone`` (through the method's
+    :meth:`~training.methods.base.PromptMethod.config_for_backbone` hook; unchanged when its depth is unknown)."""
+    num_layers = get_backbone_spec(backbone).num_layers
+    if num_layers is None:
+        return dict(overrides or {})
+    return get_method_class(method).config_for_backbone(num_layers, overrides)
+
+
 __all__ = [
     "PROMPT_DEPTH", "Capabilities", "METHODS", "MethodConfig", "PromptMethod", "TrainBatch", "TrainContext",
-    "create_method", "get_method_class", "list_methods", "TrainStage",
+    "create_method", "get_method_class", "list_methods", "method_config_for_backbone", "TrainStage",
 ]

@@ -8,8 +8,9 @@ says which datasets each protocol uses by default and which domains a multi-sour
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from training.data import (
     IMAGENET_DG_TARGETS,

@@ -11,8 +11,9 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -68,7 +69,8 @@ def b2n_table(rows: list[dict[str, Any]], *, group_key: str = "style", methods: 
         cells = []
         for g in cols:
             r = next((t for t in table if t["method"] == m and t[group_key] == g), None)
-            cells.append("-" if r is None else f"{100 * r['base']:.1f} / {100 * r['new']:.1f} / **{100 * r['hm']:.1f}**")
+            cells.append("-" if r is None
+                         else f"{100 * r['base']:.1f} / {100 * r['new']:.1f} / **{100 * r['hm']:.1f}**")
         lines.append(f"| {m} | {' | '.join(cells)} |")
     return table, "\n".join(lines)
 
@@ -86,7 +88,8 @@ def accuracy_table(rows: list[dict[str, Any]], *, group_key: str, metric: str = 
         vals = [per[g][metric] for g in groups if g in per]
         avg = statistics.fmean(vals) if vals else float("nan")
         table.append({"method": m, group_key: "average", metric: avg, "n": min((per[g]["n"] for g in per), default=0)})
-        cells = [f"{100 * per[g][metric]:.1f} ± {100 * per[g][metric + '_std']:.1f}" if g in per else "-" for g in groups]
+        cells = [f"{100 * per[g][metric]:.1f} ± {100 * per[g][metric + '_std']:.1f}" if g in per else "-"
+                 for g in groups]
         lines.append(f"| {m} | {' | '.join(cells)} | **{100 * avg:.1f}** |")
     return table, "\n".join(lines)
 

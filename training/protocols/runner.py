@@ -19,17 +19,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import training.workflow as workflow
 from training.artifact import load_prompt_artifact
-from training.backbone import get_backbone_spec
 from training.data import DatasetSplits
 from training.engine import TrainConfig
 from training.errors import ConfigError
-from training.methods import get_method_class
+from training.methods import method_config_for_backbone
 from training.protocols.providers import DatasetProvider
 from training.protocols.runlog import RunLog
 
@@ -56,15 +56,6 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         except json.JSONDecodeError:
             overrides[key.strip()] = value.strip()
     return name.strip(), overrides
-
-
-def method_config_for_backbone(method: str, backbone: str, overrides: Mapping[str, Any] | None = None
-                               ) -> dict[str, Any]:
-    """``overrides`` plus the method's prompt depths fitted to ``backbone`` (when its depth is known)."""
-    num_layers = get_backbone_spec(backbone).num_layers
-    if num_layers is None:
-        return dict(overrides or {})
-    return get_method_class(method).config_for_backbone(num_layers, overrides)
 
 
 @dataclass(frozen=True)

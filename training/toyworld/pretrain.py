@@ -94,7 +94,8 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def encode_text_prefix(model, ids: torch.Tensor) -> torch.Tensor:
-    """open_clip's encode_text on the shortest prefix holding every EOT (identical EOT features under the causal mask)."""
+    """open_clip's encode_text on the shortest prefix holding every EOT (identical EOT features under the causal
+    mask)."""
     length = int(ids.argmax(dim=-1).max()) + 1
     ids = ids[:, :length]
     x = model.token_embedding(ids) + model.positional_embedding[:length]  # [N, L, W]
@@ -123,7 +124,8 @@ def zero_shot_eval(model, tokenizer, *, style: str, classes: list[tuple[str, str
     return float((pred == torch.tensor(labels)).float().mean())
 
 
-def pretrain(cfg: PretrainConfig, out_path: str | Path = DEFAULT_WEIGHTS_PATH, *, progress: bool = True) -> dict[str, Any]:
+def pretrain(cfg: PretrainConfig, out_path: str | Path = DEFAULT_WEIGHTS_PATH, *,
+             progress: bool = True) -> dict[str, Any]:
     """Pretrain toy-clip and write ``out_path`` (compact safetensors) plus ``out_path.with_suffix('.json')``."""
     from open_clip.tokenizer import SimpleTokenizer
     from tqdm.auto import tqdm
@@ -171,8 +173,10 @@ def pretrain(cfg: PretrainConfig, out_path: str | Path = DEFAULT_WEIGHTS_PATH, *
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             model.eval()
             row = {"step": step + 1, "loss": loss.item(),
-                   "zs_seen": zero_shot_eval(model, tokenizer, style="clean", classes=seen[::4], per_class=cfg.eval_per_class, seed=1),
-                   "zs_heldout": zero_shot_eval(model, tokenizer, style="clean", classes=holdout, per_class=cfg.eval_per_class, seed=1)}
+                   "zs_seen": zero_shot_eval(model, tokenizer, style="clean", classes=seen[::4],
+                                             per_class=cfg.eval_per_class, seed=1),
+                   "zs_heldout": zero_shot_eval(model, tokenizer, style="clean", classes=holdout,
+                                                per_class=cfg.eval_per_class, seed=1)}
             history.append(row)
             log.info("step %d: loss %.3f, zero-shot clean seen %.1f%%, held-out %.1f%%", row["step"], row["loss"],
                      100 * row["zs_seen"], 100 * row["zs_heldout"])

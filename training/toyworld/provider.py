@@ -12,8 +12,8 @@ Each dataset is written under ``root/<name without prefix>`` on first use (a sta
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from training.data import DatasetSplits
 from training.errors import DatasetError

@@ -10,8 +10,8 @@ numpy + PIL only; every random draw comes from the generator (or uniforms) the c
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
+from functools import cache, lru_cache
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -124,7 +124,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, rad
         draw.polygon(pts, fill=255)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mask(shape: str, diameter_q: int, rot_idx: int, edge_q: int) -> np.ndarray:
     """Coverage mask in [0, 1] at output resolution, side ``ceil(diameter) + 4``, object centred.
 
@@ -174,7 +174,7 @@ def _object_mask(shape: str, scale: float, rotation: float, size: int, edge_px: 
 
 # ------------------------------------------------------------------------------------------- textures
 
-@lru_cache(maxsize=None)
+@cache
 def _texture_pattern(texture: str, size: int, variant: int) -> np.ndarray:
     """Pattern in [0, 1] of shape [size, size, 1] for one of 32 variants (orientation/period/phase)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5

@@ -19,8 +19,8 @@ import logging
 import os
 import shutil
 import zlib
+from collections.abc import Collection, Sequence
 from functools import lru_cache
-from typing import Collection, Sequence
 
 import numpy as np
 

@@ -9,7 +9,7 @@ from typing import Any
 from promptclip.cli.values import int_list, method_specs, name_list
 from serving.errors import PromptclipError
 from training.methods import get_method_class
-from training.toyworld.bench import PROTOCOLS, BenchConfig, parse_method_spec, run_bench
+from training.protocols.toybench import PROTOCOLS, BenchConfig, parse_method_spec, run_bench
 from training.toyworld.pretrain import DEFAULT_WEIGHTS_PATH, PretrainConfig, pretrain
 from training.toyworld.preview import save_contact_sheet
 
