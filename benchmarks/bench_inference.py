@@ -94,8 +94,8 @@ def main() -> int:
             method.encode_image(x)
             sess.run(None, {"pixel_values": xn})
             for _ in range(3):  # interleave so that machine noise hits both alike
-                t_torch.append(_median_ms(lambda: method.encode_image(x), runs // 3 + 1))
-                t_ort.append(_median_ms(lambda: sess.run(None, {"pixel_values": xn}), runs // 3 + 1))
+                t_torch.append(_median_ms(lambda x=x: method.encode_image(x), runs // 3 + 1))
+                t_ort.append(_median_ms(lambda xn=xn: sess.run(None, {"pixel_values": xn}), runs // 3 + 1))
         tt, to = statistics.median(t_torch), statistics.median(t_ort)
         results["latency_ms"][f"batch{batch}"] = {"torch_eager": tt, "onnxruntime": to, "ort_speedup": tt / to}
         print(f"image encoder batch {batch}: torch eager {tt:.1f} ms, ORT {to:.1f} ms -> ORT is {tt / to:.2f}x torch")

@@ -72,7 +72,8 @@ def main() -> int:
             clf.add_classes([f"runtime class {i}"])
             times[k]["add_class"].append((time.perf_counter() - t) * 1000)
     result = {k: {m: round(statistics.median(v), 2) for m, v in d.items()} for k, d in times.items()}
-    result["ratio_guidg_over_ivlp"] = {m: round(result["guidg"][m] / result["ivlp"][m], 2) for m in ("classify", "add_class")}
+    result["ratio_guidg_over_ivlp"] = {m: round(result["guidg"][m] / result["ivlp"][m], 2)
+                                       for m in ("classify", "add_class")}
     result["config"] = {"backbone": args.backbone, "experts": args.experts, "classes": args.classes, "runs": args.runs}
     print(json.dumps(result, indent=2))
     (out / "bench_multiset.json").write_text(json.dumps(result, indent=2) + "\n")

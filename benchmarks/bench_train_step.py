@@ -69,7 +69,7 @@ def main() -> int:
             batch = TrainBatch(images=x, labels=y, class_token_ids=ids.to(device))
             built[name] = (m, opt, batch)
 
-        def step(name: str) -> None:
+        def step(name: str, built: dict = built) -> None:
             m, opt, batch = built[name]
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss = m.training_loss(batch)["loss"]

@@ -221,8 +221,10 @@ def _graph_spec(entry: dict[str, Any]) -> GraphSpec:
 def _class_embedding_parity(sess, token_ids: np.ndarray, torch_emb: np.ndarray) -> dict[str, float]:
     """The precomputed embeddings must equal what the exported text graph (ORT session ``sess``) computes for the
     same names."""
-    got = np.concatenate([sess.run(None, {fmt.TEXT_INPUT: token_ids[i:i + 256]})[0] for i in range(0, len(token_ids), 256)])
-    cos = float(np.min(np.sum(got * torch_emb, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(torch_emb, axis=-1))))
+    got = np.concatenate([sess.run(None, {fmt.TEXT_INPUT: token_ids[i:i + 256]})[0]
+                          for i in range(0, len(token_ids), 256)])
+    cos = float(np.min(np.sum(got * torch_emb, -1)
+                       / (np.linalg.norm(got, axis=-1) * np.linalg.norm(torch_emb, axis=-1))))
     max_abs = float(np.abs(got - torch_emb).max())
     if cos < MIN_COSINE:
         raise ExportError(f"class embeddings from the ONNX text graph differ from torch (min cosine {cos:.6f})")

@@ -202,12 +202,13 @@ def export_checked(module: nn.Module, path: Path, make_input: Callable[[int], to
     if not parity.ok():
         raise ExportError(
             f"{path.name}: ORT-vs-torch parity failed (max abs {parity.max_abs:.2e} > {MAX_ABS_TOL:.0e} or min cosine "
-            f"{parity.min_cosine:.6f} < {MIN_COSINE}); try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'}"
+            f"{parity.min_cosine:.6f} < {MIN_COSINE}); "
+            f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'}"
         )
     log.info("%s: parity max abs %.2e, min cosine %.7f (batches %s)", path.name, parity.max_abs, parity.min_cosine,
              parity.batches)
     return {**info, "exporter": exporter, "parity": parity.to_dict()}
 
 
-__all__ = ["EXPORTERS", "EXPERT_WEIGHTS_OUTPUT", "ImageGraph", "TextGraph", "ParityReport", "export_checked", "export_onnx", "check_onnx",
-           "measure_parity", "IMAGE_INPUT", "IMAGE_OUTPUT", "TEXT_INPUT", "TEXT_OUTPUT"]
+__all__ = ["EXPORTERS", "EXPERT_WEIGHTS_OUTPUT", "ImageGraph", "TextGraph", "ParityReport", "export_checked",
+           "export_onnx", "check_onnx", "measure_parity", "IMAGE_INPUT", "IMAGE_OUTPUT", "TEXT_INPUT", "TEXT_OUTPUT"]

@@ -204,7 +204,8 @@ def decode_image(data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 
         return _to_rgb(img)
     except Exception as exc:
         raise ImageDecodeError(
-            f"The image's colour mode {img.mode!r} cannot be converted to RGB ({exc}); re-save it as an RGB JPEG or PNG."
+            f"The image's colour mode {img.mode!r} cannot be converted to RGB ({exc}); "
+            "re-save it as an RGB JPEG or PNG."
         ) from exc
 
 

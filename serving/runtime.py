@@ -262,5 +262,7 @@ def create_runtime(bundle: Bundle, kind: str = "auto", **kwargs: Any) -> Runtime
     if kind in ("auto", "ort"):
         return OrtRuntime(bundle, **kwargs)
     if kind == "tensorrt":
-        raise RuntimeUnavailableError("the TensorRT runtime is not built in this version of promptclip; use runtime 'ort'.")
+        raise RuntimeUnavailableError(
+            "the TensorRT runtime is not built in this version of promptclip; use runtime 'ort'."
+        )
     raise RuntimeUnavailableError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIME_KINDS[:2])}.")

@@ -112,7 +112,8 @@ def rule_violations(root: Path) -> list[str]:
     """One line per import that breaks the dependency rule."""
     modules = project_modules(root)
     return [f"{modules[src].relative_to(root)}:{line}: {src} imports {dst}"
-            for src, dsts in sorted(import_edges(root, packages_run=False).items()) for dst, line in sorted(dsts.items())
+            for src, dsts in sorted(import_edges(root, packages_run=False).items())
+            for dst, line in sorted(dsts.items())
             if not allowed(src, dst)]
 
 

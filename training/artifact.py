@@ -169,7 +169,8 @@ def save_prompt_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-artifact-", dir=out.parent))
     try:
         state = method.trainable_state_dict()
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": f"{ARTIFACT_FORMAT}:{method.name}"})  # one key: deterministic bytes
+        # one key: deterministic bytes
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": f"{ARTIFACT_FORMAT}:{method.name}"})
         _write_json_atomic(tmp / CONFIG_FILE, config.to_json())
         if metrics is not None:
             _write_json_atomic(tmp / METRICS_FILE, dict(metrics))

@@ -291,7 +291,8 @@ def train(
             if step % cfg.log_every == 0 or step == total:  # host sync only every log_every steps
                 last_loss = float(loss_sum) / n_since
                 last_acc = float(correct) / max(1, count)
-                bar.set_postfix(loss=f"{last_loss:.4f}", acc=f"{100 * last_acc:.1f}%", lr=f"{opt.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", acc=f"{100 * last_acc:.1f}%",
+                                lr=f"{opt.param_groups[0]['lr']:.2e}")
                 history.append({"step": step, "loss": last_loss, "acc": last_acc})
                 loss_sum.zero_()
                 correct.zero_()
@@ -316,7 +317,8 @@ def encode_classes(method: PromptMethod, class_token_ids: torch.Tensor, *, promp
                    chunk: int = 256) -> torch.Tensor:
     """[C, L] token ids -> [C, D] normalised class embeddings, in chunks."""
     device = next(method.parameters()).device
-    outs = [method.encode_text(class_token_ids[i:i + chunk].to(device), prompt_set) for i in range(0, len(class_token_ids), chunk)]
+    outs = [method.encode_text(class_token_ids[i:i + chunk].to(device), prompt_set)
+            for i in range(0, len(class_token_ids), chunk)]
     return torch.cat(outs).float()
 
 

@@ -73,7 +73,8 @@ def tokenize_prompts(method: PromptMethod, backbone: Backbone, classnames: list[
         n = len(tokenizer.encode(text)) + 2
         if n > backbone.context_length:
             raise DatasetError(
-                f"class name {name!r} makes a prompt of {n} tokens, over the text context of {backbone.context_length}; "
+                f"class name {name!r} makes a prompt of {n} tokens, "
+                f"over the text context of {backbone.context_length}; "
                 f"shorten the class name (it would be truncated otherwise)"
             )
     return tokenizer(texts)
@@ -171,10 +172,10 @@ def train_run(
     trained_on = {"dataset": dataset_id, "classnames": classnames, "shots": shots,
                   "seed": cfg.seed, "subsample": subsample, "num_images": len(train_samples),
                   "domains": [d for d in domains if d]}
+    training_config = {"method": method.config.to_dict(), "train": cfg.to_dict(),
+                       "backbone": backbone_name, "pretrained": backbone.pretrained}
     save_prompt_artifact(out_dir / "artifact", method, backbone, dataset_template=template, trained_on=trained_on,
-                         metrics=metrics, training_config={"method": method.config.to_dict(), "train": cfg.to_dict(),
-                                                           "backbone": backbone_name, "pretrained": backbone.pretrained},
-                         overwrite=overwrite)
+                         metrics=metrics, training_config=training_config, overwrite=overwrite)
     return TrainRunResult(artifact=out_dir / "artifact", metrics=metrics)
 
 
@@ -282,6 +283,7 @@ def evaluate_artifact(artifact: str | Path | PromptArtifact, data_root: str | Pa
         raise DatasetError(f"{data_root}: the {split!r} split has no images for the {subsample!r} classes")
     # the method's prompt template wraps the *target* dataset's hand-crafted template (zero-shot uses it as is)
     ids = tokenize_prompts(art.method, art.backbone, splits.classnames, data.template or art.dataset_template)
-    loader = _loader(samples, eval_transform(art.backbone), batch_size, shuffle=False, seed=0, num_workers=0, cache=False)
+    loader = _loader(samples, eval_transform(art.backbone), batch_size, shuffle=False, seed=0, num_workers=0,
+                     cache=False)
     res = evaluate(art.method, loader, ids, device=device)
     return {"subsample": subsample, "split": split, "num_classes": len(splits.classnames), **res}

@@ -124,7 +124,8 @@ def test_embedding_dim_mismatch(bundle_copy, edit_manifest):
 
 def test_text_depends_on_image_is_refused(bundle_copy, edit_manifest):
     edit_manifest(bundle_copy, lambda m: m["method"]["capabilities"].update(text_depends_on_image=True))
-    with pytest.raises(BundleError, match="depend on the image.*only methods whose class embeddings can be precomputed"):
+    with pytest.raises(BundleError,
+                       match="depend on the image.*only methods whose class embeddings can be precomputed"):
         load_bundle(bundle_copy)
 
 

@@ -275,7 +275,8 @@ def test_add_classes_bad_input(client, body, status, error, field, contains):
 
 
 def test_add_classes_bad_body(client):
-    assert_error(client.post("/add_classes", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}),
+    assert_error(client.post("/add_classes", content=b"{not json",
+                             headers={**AUTH, "Content-Type": "application/json"}),
                  422, "RequestError", contains="not valid JSON")
     assert_error(client.post("/add_classes", files={"names": ("n", b"zebra")}, headers=AUTH), 415,
                  "UnsupportedMediaTypeError", contains="JSON")

@@ -27,7 +27,9 @@ def test_random_weights_warn_loudly(caplog):
 
 
 def test_random_init_is_reproducible_by_seed():
-    a, b, c = create_backbone("tiny-test", init_seed=3), create_backbone("tiny-test", init_seed=3), create_backbone("tiny-test", init_seed=4)
+    a = create_backbone("tiny-test", init_seed=3)
+    b = create_backbone("tiny-test", init_seed=3)
+    c = create_backbone("tiny-test", init_seed=4)
     assert a.weights_sha256 == b.weights_sha256 != c.weights_sha256
 
 

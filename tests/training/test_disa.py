@@ -203,7 +203,8 @@ def test_prepare_training_buffers_are_frozen_targets_and_not_saved(backbone):
     m.prepare_training(ctx)
     tok = backbone.tokenizer()
     with torch.no_grad():
-        single = F.normalize(backbone.model.encode_text(tok([f"a photo of the {c}, a shape." for c in CLASSES])), dim=-1)
+        single = F.normalize(backbone.model.encode_text(tok([f"a photo of the {c}, a shape." for c in CLASSES])),
+                             dim=-1)
         raw = sum(backbone.model.encode_text(tok([t.format(c) for c in CLASSES])) for t in D.TEMPLATE_ENSEMBLE)
         ens = F.normalize(raw / len(D.TEMPLATE_ENSEMBLE), dim=-1)
         x, y = data()
@@ -229,8 +230,8 @@ def test_gradients_reach_only_the_prompts(backbone):
     out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.trainable_parameters().values())
     assert all(p.grad is None for p in m.clip.parameters())
-    torch.testing.assert_close(out["loss"].detach(), sum(out[k] for k in
-                                                          ("ce", "sr_text", "sr_image", "sr_logits", "cir", "cir2", "dir")))
+    parts = ("ce", "sr_text", "sr_image", "sr_logits", "cir", "cir2", "dir")
+    torch.testing.assert_close(out["loss"].detach(), sum(out[k] for k in parts))
 
 
 def test_losses_are_float32_under_autocast(backbone):

@@ -129,7 +129,8 @@ def test_artifact_errors(tmp_path):
     (tmp_path / "a" / "prompt_config.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         read_prompt_config(tmp_path / "a")
-    (tmp_path / "a" / "prompt_config.json").write_text(json.dumps({"format": "promptclip.prompt", "format_version": 99}))
+    (tmp_path / "a" / "prompt_config.json").write_text(
+        json.dumps({"format": "promptclip.prompt", "format_version": 99}))
     with pytest.raises(ArtifactError, match="upgrade promptclip"):
         read_prompt_config(tmp_path / "a")
 
@@ -146,7 +147,7 @@ def test_artifact_with_other_weights_is_refused(tmp_path):
 
 
 def test_train_run_reports_base_new_and_harmonic_mean(trained):
-    for name, run in trained.items():
+    for run in trained.values():
         m = run.metrics
         assert 0.0 <= m["base_accuracy"] <= 1.0 and 0.0 <= m["new_accuracy"] <= 1.0
         assert m["base_num_images"] == 8 and m["new_num_images"] == 8

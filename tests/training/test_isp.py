@@ -105,7 +105,8 @@ def test_prompt_hook_identity_is_exact_and_sees_documented_shapes(backbone):
     seen = []
 
     def hook(i, prompts, hidden, token_ids):
-        seen.append((i, tuple(prompts.shape), tuple(hidden.shape), None if token_ids is None else tuple(token_ids.shape)))
+        seen.append((i, tuple(prompts.shape), tuple(hidden.shape),
+                     None if token_ids is None else tuple(token_ids.shape)))
         return prompts
 
     with torch.no_grad():

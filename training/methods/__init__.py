@@ -53,7 +53,8 @@ def get_method_class(name: str) -> type[PromptMethod]:
         raise RegistryError(f"unknown method {name!r}; known methods: {', '.join(list_methods())}") from None
 
 
-def create_method(name: str, backbone: Backbone, config: Mapping[str, Any] | MethodConfig | None = None) -> PromptMethod:
+def create_method(name: str, backbone: Backbone,
+                  config: Mapping[str, Any] | MethodConfig | None = None) -> PromptMethod:
     """Build method ``name`` over ``backbone`` with ``config`` (a dict of overrides of the defaults, or a config)."""
     cls = get_method_class(name)
     cfg = config if isinstance(config, MethodConfig) else cls.config_cls.from_dict(config)

@@ -314,7 +314,8 @@ class PromptMethod(nn.Module):
         with torch.no_grad():
             for n, p in own.items():
                 if tuple(state[n].shape) != tuple(p.shape):
-                    raise ConfigError(f"{self.name}: tensor {n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}")
+                    raise ConfigError(f"{self.name}: tensor {n} has shape {tuple(state[n].shape)}, "
+                                      f"expected {tuple(p.shape)}")
                 p.copy_(state[n].to(p.device, p.dtype))
 
     def train(self, mode: bool = True) -> PromptMethod:

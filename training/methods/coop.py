@@ -42,7 +42,8 @@ class CoOp(PromptMethod):
             self.ctx = init_prompt(config.n_ctx, width, config.init_std)  # [n_ctx, W]
         self.n_text_ctx = config.n_ctx
         if config.n_ctx + 3 > backbone.context_length:
-            raise ConfigError(f"n_ctx={config.n_ctx} leaves no room for class names in a {backbone.context_length}-token context")
+            raise ConfigError(f"n_ctx={config.n_ctx} leaves no room for class names in a "
+                              f"{backbone.context_length}-token context")
 
     def prompt_template(self, dataset_template: str) -> str:
         prefix = self.config.ctx_init or " ".join(["X"] * self.config.n_ctx)

@@ -93,25 +93,32 @@ class DiSaConfig(IVLPConfig):
     sr_text_weight: float = 25.0      #: [R] PromptSRC TEXT_LOSS_WEIGHT: w_t * L1(g_p, g_o^SR)
     sr_image_weight: float = 10.0     #: [R] PromptSRC IMAGE_LOSS_WEIGHT: w_i * L1(f_p, f_o)
     sr_logit_weight: float = 1.0      #: [R] weight of KL(softmax(zs) || softmax(p)) (PromptSRC: 1)
-    sr_templates: str = "ensemble"    #: [R] L_SR text targets + zero-shot logits: "ensemble" (TEMPLATE_ENSEMBLE) | "single" (dataset template)
+    #: [R] L_SR text targets + zero-shot logits: "ensemble" (TEMPLATE_ENSEMBLE) | "single" (dataset template)
+    sr_templates: str = "ensemble"
     # --- frozen text g_o used by CIR and saliency
     frozen_text_templates: str = "ensemble"  #: [R] g_o for CIR/saliency: "ensemble" | "single" (dataset template)
     # --- L_CIR, cross-interactive regularisation [S formula; R masked view and second term]
     use_cir: bool = True              #: [S] add L_CIR = KL(q(f_p^m, g_o) || q(f_o, g_p))
     cir_weight: float = 1.0           #: [R] weight of L_CIR (the summary's total loss has none: 1)
-    cir_second_term: bool = False     #: [R] add KL(q(f_p, g_p) || q(f_o, g_o)) (the summary's cut-off "consistency" hint); part of CIR: only with use_cir
+    #: [R] add KL(q(f_p, g_p) || q(f_o, g_o)) (the summary's cut-off "consistency" hint); part of CIR: only with
+    #: use_cir
+    cir_second_term: bool = False
     cir_second_weight: float = 1.0    #: [R] weight of that second term
     # --- saliency-aware masking inside CIR [P/S idea; R everything concrete]
-    use_masking: bool = True          #: [P/S] CIR's prompted image view f_p^m drops low-saliency patches (off: f_p^m = f_p); only used by CIR
+    #: [P/S] CIR's prompted image view f_p^m drops low-saliency patches (off: f_p^m = f_p); only used by CIR
+    use_masking: bool = True
     mask_ratio: float = 0.25          #: [R] fraction r of patches dropped (round(r * P), at least one kept); in [0, 1)
-    saliency_target: str = "label"    #: [R] "label": cos(z_j, g_o[y]) | "topk": mean cos over the frozen top-k predicted classes
+    #: [R] "label": cos(z_j, g_o[y]) | "topk": mean cos over the frozen top-k predicted classes
+    saliency_target: str = "label"
     saliency_topk: int = 5            #: [R] k for "topk" (clamped to the number of classes)
     # --- L_DiR, directional regularisation [P/S intent; R exact form]
     use_dir: bool = True              #: [P/S] add lambda * L_DiR
     dir_weight: float = 1.0           #: [R] lambda: lambda * mean(1 - cos(f_p, mu_y))
     # --- GPA, Gaussian prompt aggregation [R: whether DiSa uses it is unknown; PromptSRC's]
     use_gpa: bool = True              #: [R] average the prompts over epochs with Gaussian weights at train end
-    gpa_mean: float = 15.0            #: [R] mu in epochs (1-based); clamped to the last epoch run when fewer epochs run, so GPA never averages nothing
+    #: [R] mu in epochs (1-based); clamped to the last epoch run when fewer epochs run, so GPA never averages
+    #: nothing
+    gpa_mean: float = 15.0
     gpa_std: float = 1.0              #: [R] sigma in epochs, > 0
 
     def __post_init__(self) -> None:

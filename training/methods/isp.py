@@ -84,16 +84,23 @@ class ISPConfig(IVLPConfig):
     use_ssp: bool = True          #: [P/R] prompts attend to the frozen tokens of their own modality, per layer
     ssp_rank: int = 32            #: [R] rank r of the low-rank q/k/v/o maps, shared across layers, one set per modality
     # --- cross-structural prompts [P: the module exists; R: its form and the variants]
-    use_csp: bool = True          #: [P/R] prompts of one modality attend to the other modality (needs depth_vision >= 1)
-    csp_variant: str = "A"        #: [R] "A": text prompts <- vision prompts and vision prompts <- text prompts of the same layer (input independent, exportable); "B": text prompts <- the image's patch tokens (text depends on the image, not exportable)
+    #: [P/R] prompts of one modality attend to the other modality (needs depth_vision >= 1)
+    use_csp: bool = True
+    #: [R] "A": text prompts <- vision prompts and vision prompts <- text prompts of the same layer (input
+    #: independent, exportable); "B": text prompts <- the image's patch tokens (text depends on the image, not
+    #: exportable)
+    csp_variant: str = "A"
     csp_rank: int = 32            #: [R] rank of the CSP maps (one set per direction)
-    gate_init: float = 0.0        #: [R] initial value of every gate (one learnable scalar per layer and module); 0 = start exactly at IVLP
+    #: [R] initial value of every gate (one learnable scalar per layer and module); 0 = start exactly at IVLP
+    gate_init: float = 0.0
     # --- sample probing [P: difficulty from frozen-CLIP probabilities reweights the loss; R: the formulas]
     use_probing: bool = True      #: [P] weight each sample's CE by its difficulty (training only)
-    probing_mode: str = "softmax"  #: [R] "softmax": w = B softmax(d / T_s) (sum B); "power": w = (1 + d)^gamma / mean((1 + d)^gamma) (mean 1)
+    #: [R] "softmax": w = B softmax(d / T_s) (sum B); "power": w = (1 + d)^gamma / mean((1 + d)^gamma) (mean 1)
+    probing_mode: str = "softmax"
     probing_temperature: float = 1.0  #: [R] T_s of the softmax mode, > 0
     probing_gamma: float = 1.0    #: [R] gamma of the power mode, >= 0
-    probing_mix: float = 0.0      #: [R] alpha in [0, 1]: d = 1 - [(1 - alpha) p_zs(y|x) + alpha p_prompted(y|x).detach()]
+    #: [R] alpha in [0, 1]: d = 1 - [(1 - alpha) p_zs(y|x) + alpha p_prompted(y|x).detach()]
+    probing_mix: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,7 +111,8 @@ class ISPConfig(IVLPConfig):
         if self.csp_variant not in _CSP_VARIANTS:
             raise ValueError(f"csp_variant must be one of {', '.join(_CSP_VARIANTS)}, got {self.csp_variant!r}")
         if self.use_csp and self.depth_vision < 1:
-            raise ValueError("use_csp needs vision prompts (depth_vision >= 1); set use_csp to false for text-only prompts")
+            raise ValueError("use_csp needs vision prompts (depth_vision >= 1); "
+                             "set use_csp to false for text-only prompts")
         if self.probing_mode not in _PROBING_MODES:
             raise ValueError(f"probing_mode must be one of {', '.join(_PROBING_MODES)}, got {self.probing_mode!r}")
         if not (math.isfinite(self.probing_temperature) and self.probing_temperature > 0):
@@ -200,7 +208,8 @@ class LowRankAttention(nn.Module):
         self.w_v = nn.Parameter(torch.randn(key_width, rank) / math.sqrt(key_width))  # [W_k, r]
         self.w_o = nn.Parameter(torch.randn(rank, query_width) / math.sqrt(rank))  # [r, W_q]
 
-    def forward(self, queries: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         return low_rank_attention(queries, tokens, self.w_q, self.w_k, self.w_v, self.w_o, key_mask)
 
 
