@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from training.data.folder import list_images
 from training.errors import DatasetError
 
 __all__ = [
-    "subdirs", "require_dir", "require_file", "read_text_lines", "images_per_folder",
+    "subdirs", "require_dir", "require_file", "read_text_lines", "images_per_folder", "wnid_folders",
 ]
 
 
@@ -51,3 +51,18 @@ def images_per_folder(parent: str, folders: Sequence[str], layout: str) -> dict[
             raise DatasetError(f"folder {os.path.join(parent, folder)} holds no images\n{layout}")
         out[folder] = images
     return out
+
+
+def wnid_folders(parent: str, what: str, names: Mapping[str, str], names_path: str, layout: str) -> list[str]:
+    """The sorted ``<wnid>`` folders of ``parent`` (an ImageNet-style folder); none, or one whose name is not a wnid
+    of ``names`` (read from ``names_path``), is an error naming them."""
+    folders = subdirs(parent)
+    if not folders:
+        raise DatasetError(f"{what} {parent} holds no <wnid> folders\n{layout}")
+    unknown = [f for f in folders if f not in names]
+    if unknown:
+        raise DatasetError(
+            f"folder(s) {', '.join(os.path.join(parent, f) for f in unknown[:5])} are not wnids "
+            f"listed in {names_path}\n{layout}"
+        )
+    return folders

@@ -49,7 +49,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from training.data.catalog import DatasetInfo, dataset_info, name_key
-from training.data.files import images_per_folder, read_text_lines, require_dir, require_file, subdirs
+from training.data.files import (
+    images_per_folder,
+    read_text_lines,
+    require_dir,
+    require_file,
+    subdirs,
+    wnid_folders,
+)
 from training.data.folder import read_image_folder
 from training.data.samples import DatasetSplits, Sample, class_name_from_folder
 from training.errors import DatasetError
@@ -350,15 +357,7 @@ def _read_imagenet(info: DatasetInfo, root: str) -> DatasetSplits:
     for split in ("train", "val"):
         split_dir = os.path.join(folder, info.image_dir, split)
         require_dir(split_dir, f"ImageNet {split} folder", layout)
-        folders = subdirs(split_dir)
-        if not folders:
-            raise DatasetError(f"ImageNet {split} folder {split_dir} holds no <wnid> folders\n{layout}")
-        unknown = [f for f in folders if f not in label_of]
-        if unknown:
-            raise DatasetError(
-                f"folder(s) {', '.join(os.path.join(split_dir, f) for f in unknown[:5])} are not wnids "
-                f"listed in {names_path}\n{layout}"
-            )
+        folders = wnid_folders(split_dir, f"ImageNet {split} folder", label_of, names_path, layout)
         per = images_per_folder(split_dir, folders, layout)
         lists[split] = [Sample(p, label_of[w]) for w in folders for p in per[w]]
         absent = len(wnids) - len(folders)
@@ -398,15 +397,7 @@ def _read_imagenet_folders(info: DatasetInfo, root: str) -> DatasetSplits:
     names, names_path = _imagenet_classnames(info, root)
     image_dir = os.path.join(root, info.folder, info.image_dir)
     require_dir(image_dir, f"{info.name} image folder", layout)
-    folders = subdirs(image_dir)
-    if not folders:
-        raise DatasetError(f"{info.name} image folder {image_dir} holds no <wnid> folders\n{layout}")
-    unknown = [f for f in folders if f not in names]
-    if unknown:
-        raise DatasetError(
-            f"folder(s) {', '.join(os.path.join(image_dir, f) for f in unknown[:5])} are not wnids "
-            f"listed in {names_path}\n{layout}"
-        )
+    folders = wnid_folders(image_dir, f"{info.name} image folder", names, names_path, layout)
     wnids = folders if info.subset else sorted(names)
     label_of = {w: i for i, w in enumerate(wnids)}
     per = images_per_folder(image_dir, folders, layout)

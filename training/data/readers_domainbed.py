@@ -24,7 +24,7 @@ from training.data.catalog import (
     is_imagenet_dg,
     name_key,
 )
-from training.data.files import images_per_folder, require_dir, subdirs
+from training.data.files import images_per_folder, require_dir, subdirs, wnid_folders
 from training.data.readers_coop import read_imagenet_classnames
 from training.data.samples import DatasetSplits, Sample, class_name_from_folder
 from training.errors import DatasetError
@@ -241,15 +241,7 @@ def read_imagenet_dg(root: str | os.PathLike, target: str) -> tuple[dict[str, Da
     require_dir(target_dir, f"ImageNet-DG target folder ({target_domain})", layout)
     names_path = os.path.join(target_dir, "classnames.txt")
     names = read_imagenet_classnames(names_path, layout=layout)
-    wnids = subdirs(target_dir)
-    if not wnids:
-        raise DatasetError(f"ImageNet-DG target folder {target_dir} holds no <wnid> folders\n{layout}")
-    unknown = [w for w in wnids if w not in names]
-    if unknown:
-        raise DatasetError(
-            f"folder(s) {', '.join(os.path.join(target_dir, w) for w in unknown[:5])} are not wnids "
-            f"listed in {names_path}\n{layout}"
-        )
+    wnids = wnid_folders(target_dir, "ImageNet-DG target folder", names, names_path, layout)
     label_of = {w: i for i, w in enumerate(wnids)}
     classnames = [class_name_from_folder(names[w]) for w in wnids]
     per = images_per_folder(target_dir, wnids, layout)
