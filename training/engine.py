@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from training.callbacks import Callback
 from training.config import config_from_dict
+from training.devices import autocast
 from training.errors import ConfigError
 from training.methods.base import PromptMethod, TrainBatch
 
@@ -204,6 +205,22 @@ def load_checkpoint(out_dir: Path, method: PromptMethod, opt: torch.optim.Optimi
     return state
 
 
+def train_step(method: PromptMethod, opt: torch.optim.Optimizer, batch: TrainBatch, *,
+               amp_dtype: torch.dtype | None, grad_clip: float | None = None) -> dict[str, torch.Tensor]:
+    """One optimisation step: the method's loss (under autocast), backward, optional clipping, optimizer step.
+
+    Everything here runs on the batch's device (no host tensors, no host syncs); the device-correctness test runs
+    exactly this function with the model on PyTorch's ``meta`` device."""
+    with autocast(batch.images.device, amp_dtype):
+        parts = method.training_loss(batch)
+    opt.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
+    opt.step()
+    return parts
+
+
 def train(
     method: PromptMethod,
     loader_factory,
@@ -270,14 +287,8 @@ def train(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             batch = TrainBatch(images=images, labels=labels, class_token_ids=class_token_ids)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                parts = method.training_loss(batch)
+            parts = train_step(method, opt, batch, amp_dtype=amp_dtype, grad_clip=cfg.grad_clip)
             loss = parts["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
             step += 1
             seen += images.shape[0]
             loss_sum += loss.detach().float()

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from serving.format import canonical_class_name
 from training.backbone import Backbone
 from training.callbacks import Callback, GaussianPromptAggregation
+from training.devices import autocast_off
 from training.methods.base import Capabilities, TrainBatch, TrainContext
 from training.methods.ivlp import IVLP, IVLPConfig
 from training.prompting.encoders import l2_normalize
@@ -182,8 +183,14 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     """[N, D] normalised features + labels -> [C, D] normalise(class mean); a class without samples gets zeros."""
     sums = torch.zeros(num_classes, features.shape[-1], dtype=features.dtype, device=features.device)
     sums.index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).to(features.dtype)
+    counts = class_counts(labels, num_classes).clamp_min(1).to(features.dtype)
     return l2_normalize(sums / counts.unsqueeze(-1))
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[N] labels -> [C] int64 counts on the labels' device (fixed shape, no host sync, unlike ``bincount``)."""
+    return torch.zeros(num_classes, dtype=torch.long, device=labels.device).index_add_(0, labels,
+                                                                                       torch.ones_like(labels))
 
 
 def label_saliency(tokens: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -207,11 +214,6 @@ def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
 def keep_top_patches(saliency: torch.Tensor, keep: int) -> torch.Tensor:
     """[B, P] saliency -> [B, K] indices of the K most salient patches, in increasing index order."""
     return saliency.topk(keep, dim=-1).indices.sort(dim=-1).values
-
-
-def _fp32(like: torch.Tensor):
-    """Autocast off on ``like``'s device (losses are computed in float32 even inside the loop's autocast)."""
-    return torch.autocast(like.device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------- the method
@@ -283,7 +285,8 @@ class DiSa(IVLP):
             num_classes = len(ctx.classnames)
             if feats:
                 feats_t, labels_t = torch.cat(feats), torch.cat(labels)
-                missing = sorted(set(range(num_classes)) - set(labels_t.unique().tolist()))
+                empty = (class_counts(labels_t, num_classes) == 0).cpu()  # one host copy, once per run
+                missing = [c for c, none in enumerate(empty.tolist()) if none]
                 if missing:
                     log.warning("disa: classes %s have no training images; their DiR prototype is zero", missing)
                 protos = class_prototypes(feats_t, labels_t, num_classes)
@@ -333,7 +336,7 @@ class DiSa(IVLP):
                 f_o = self.frozen_image_features(batch.images)
         f_pm = f_p
         if need_tokens:
-            with torch.no_grad(), _fp32(f_p):
+            with torch.no_grad(), autocast_off(f_p):
                 if cfg.saliency_target == "label":
                     sal = label_saliency(tokens, g_o, labels)
                 else:
@@ -342,7 +345,7 @@ class DiSa(IVLP):
             f_pm = l2_normalize(self.vision_encoder(batch.images, vision_prompts, keep_index=keep).float())
 
         # --- losses (float32, autocast off)
-        with _fp32(f_p):
+        with autocast_off(f_p):
             scale = self.logit_scale.float()
             logits = scale * f_p @ g_p.t()  # [B, C]
             terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(logits, labels)}

@@ -63,6 +63,7 @@ from torch import nn
 
 from serving.format import canonical_class_name
 from training.backbone import Backbone
+from training.devices import autocast_off
 from training.errors import ConfigError
 from training.methods.base import Capabilities, InstanceCapabilities, TrainBatch, TrainContext
 from training.methods.ivlp import IVLP, IVLPConfig
@@ -187,11 +188,6 @@ def probing_weights(difficulty: torch.Tensor, mode: str, temperature: float = 1.
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(1/B) sum_i w_i CE_i."""
     return (weights * F.cross_entropy(logits, labels, reduction="none")).mean()
-
-
-def _fp32(like: torch.Tensor):
-    """Autocast off on ``like``'s device (losses are computed in float32 even inside the loop's autocast)."""
-    return torch.autocast(like.device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------- modules
@@ -406,7 +402,7 @@ class ISP(IVLP):
             g_o = self._frozen_text(batch)
             with torch.no_grad():
                 f_o = l2_normalize(self.vision_encoder(batch.images, None).float())  # frozen image features
-        with _fp32(f_p):
+        with autocast_off(f_p):
             scale = self.logit_scale.float()
             if g_p.dim() == 3:
                 logits = scale * torch.einsum("bd,bcd->bc", f_p, g_p)  # [B, C]
