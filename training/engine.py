@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from training import distributed
 from training.callbacks import Callback
 from training.config import config_from_dict
 from training.devices import autocast
@@ -206,13 +207,16 @@ def load_checkpoint(out_dir: Path, method: PromptMethod, opt: torch.optim.Optimi
 
 
 def train_step(method: PromptMethod, opt: torch.optim.Optimizer, batch: TrainBatch, *,
-               amp_dtype: torch.dtype | None, grad_clip: float | None = None) -> dict[str, torch.Tensor]:
+               amp_dtype: torch.dtype | None, grad_clip: float | None = None,
+               ddp: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """One optimisation step: the method's loss (under autocast), backward, optional clipping, optimizer step.
 
-    Everything here runs on the batch's device (no host tensors, no host syncs); the device-correctness test runs
-    exactly this function with the model on PyTorch's ``meta`` device."""
+    ``ddp``: the method's loss wrapped by :func:`training.distributed.wrap_ddp` (several processes): its backward
+    averages the stage's trainable gradients over the processes. Everything here runs on the batch's device (no
+    host tensors, no host syncs); the device-correctness test runs exactly this function with the model on
+    PyTorch's ``meta`` device."""
     with autocast(batch.images.device, amp_dtype):
-        parts = method.training_loss(batch)
+        parts = ddp(batch) if ddp is not None else method.training_loss(batch)
     opt.zero_grad(set_to_none=True)
     parts["loss"].backward()
     if grad_clip:
@@ -242,7 +246,8 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    device = resolve_device(cfg.device)
+    device = distributed.device_for(resolve_device(cfg.device))
+    dist_state = distributed.state()
     amp_dtype = autocast_dtype(cfg.precision, device)
     seed_everything(cfg.seed)
     method.to(device)
@@ -266,6 +271,7 @@ def train(
             if state is not None:
                 start_epoch, step, history = state["epoch"], state["step"], state["history"]
                 log.info("resumed from %s at epoch %d (step %d)", out, start_epoch, step)
+    ddp = distributed.wrap_ddp(method, method.trainable_parameters(), device) if dist_state.enabled else None
     for cb in callbacks:
         cb.on_train_start(method, total)
 
@@ -275,10 +281,12 @@ def train(
     correct = torch.zeros((), device=device)
     count, n_since = 0, 0
     last_loss, last_acc = float("nan"), float("nan")
-    bar = tqdm(total=total, initial=step, desc=f"train {method.name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"train {method.name}", disable=not (progress and dist_state.is_main),
+               dynamic_ncols=True)
     method.train()
     for epoch in range(start_epoch, epochs):
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation randomness per epoch, resumable
+        # augmentation randomness per epoch (resumable) and per process (rank 0: the single-process seed)
+        torch.manual_seed(cfg.seed * 1000 + epoch + 1_000_003 * dist_state.rank)
         for images, labels in loader_factory(epoch):
             if step >= total:
                 break
@@ -287,7 +295,7 @@ def train(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             batch = TrainBatch(images=images, labels=labels, class_token_ids=class_token_ids)
-            parts = train_step(method, opt, batch, amp_dtype=amp_dtype, grad_clip=cfg.grad_clip)
+            parts = train_step(method, opt, batch, amp_dtype=amp_dtype, grad_clip=cfg.grad_clip, ddp=ddp)
             loss = parts["loss"]
             step += 1
             seen += images.shape[0]
@@ -300,8 +308,10 @@ def train(
                 cb.on_step_end(method, step)
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:  # host sync only every log_every steps
-                last_loss = float(loss_sum) / n_since
-                last_acc = float(correct) / max(1, count)
+                totals = distributed.all_reduce_sum(  # over the processes (one process: as is)
+                    torch.stack([loss_sum / max(1, n_since), correct.float(), torch.full_like(loss_sum, count)]))
+                last_loss = float(totals[0]) / dist_state.world_size
+                last_acc = float(totals[1]) / max(1.0, float(totals[2]))
                 bar.set_postfix(loss=f"{last_loss:.4f}", acc=f"{100 * last_acc:.1f}%",
                                 lr=f"{opt.param_groups[0]['lr']:.2e}")
                 history.append({"step": step, "loss": last_loss, "acc": last_acc})
@@ -310,7 +320,7 @@ def train(
                 count, n_since = 0, 0
         for cb in callbacks:
             cb.on_epoch_end(method, epoch)
-        if out is not None:
+        if out is not None and dist_state.is_main:  # rank 0 alone writes
             save_checkpoint(out, method, opt, epoch=epoch + 1, step=step, history=history)
         if step >= total:
             break
@@ -319,6 +329,7 @@ def train(
         cb.on_train_end(method)
     method.eval()
     seconds = time.perf_counter() - t0
+    seen *= dist_state.world_size  # images of all processes (equal shares)
     return TrainResult(steps=step, epochs=epochs, final_loss=last_loss, train_accuracy=last_acc, seconds=seconds,
                        images_per_second=seen / seconds if seconds > 0 else 0.0, history=history)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from training import distributed
 from training.artifact import PromptArtifact, load_prompt_artifact, save_prompt_artifact
 from training.backbone import Backbone, create_backbone
 from training.data import (
@@ -140,9 +141,10 @@ def train_run(
     method = create_method(method_name, backbone, method_config)
     class_ids = tokenize_prompts(method, backbone, classnames, template)
     metrics: dict[str, Any] = {"weights": backbone.describe_weights()}
-    train_samples = _stage_samples(TrainStage("all"), splits_all, shots, cfg.seed, subsample, few_shot_cache)
+    with distributed.main_process_first():  # rank 0 writes the few-shot cache, the others read it
+        train_samples = _stage_samples(TrainStage("all"), splits_all, shots, cfg.seed, subsample, few_shot_cache)
     if method.capabilities.trainable:
-        device = resolve_device(cfg.device)
+        device = distributed.device_for(resolve_device(cfg.device))
         method.to(device)
         ctx = TrainContext(
             classnames=classnames, dataset_template=template, class_token_ids=class_ids,
@@ -158,7 +160,7 @@ def train_run(
             result = _run_stage(method, stage, ctx, samples, backbone, class_ids, cfg, out_dir, progress,
                                 name=stage.name if len(stages) > 1 else None)
             stage_metrics.append({"stage": stage.name, "num_images": len(samples), **result})
-        diagnostics = method.write_diagnostics(ctx)
+        diagnostics = method.write_diagnostics(ctx) if distributed.is_main_process() else []
         if diagnostics:
             metrics["diagnostics"] = [str(p) for p in diagnostics]
         last = stage_metrics[-1]
@@ -174,8 +176,11 @@ def train_run(
                   "domains": [d for d in domains if d]}
     training_config = {"method": method.config.to_dict(), "train": cfg.to_dict(),
                        "backbone": backbone_name, "pretrained": backbone.pretrained}
-    save_prompt_artifact(out_dir / "artifact", method, backbone, dataset_template=template, trained_on=trained_on,
-                         metrics=metrics, training_config=training_config, overwrite=overwrite)
+    if distributed.is_main_process():  # rank 0 alone writes; the others wait until the artifact is complete
+        save_prompt_artifact(out_dir / "artifact", method, backbone, dataset_template=template,
+                             trained_on=trained_on, metrics=metrics, training_config=training_config,
+                             overwrite=overwrite)
+    distributed.barrier()
     return TrainRunResult(artifact=out_dir / "artifact", metrics=metrics)
 
 
@@ -225,15 +230,18 @@ def _run_stage(method: PromptMethod, stage: TrainStage, ctx: TrainContext, sampl
         log.warning("only %d training images for batch_size=%d: batches will be smaller", len(samples),
                     stage_cfg.batch_size)
     tf = train_transform(backbone, stage_cfg.augment)
+    # every process builds the single-process batches (same seed) and keeps its share of each (distributed.py)
     if stage.balanced_domains:
         def loader_factory(epoch: int):
             ds = ImageListDataset(samples, tf, cache_decoded=True)
-            return make_domain_balanced_loader(ds, batch_size=stage_cfg.batch_size, seed=stage_cfg.seed + epoch,
-                                               num_workers=stage_cfg.num_workers)
+            return distributed.shard_loader(make_domain_balanced_loader(
+                ds, batch_size=stage_cfg.batch_size, seed=stage_cfg.seed + epoch, num_workers=stage_cfg.num_workers))
     else:
         def loader_factory(epoch: int):
-            return _loader(samples, tf, stage_cfg.batch_size, shuffle=True, seed=stage_cfg.seed + epoch,
-                           num_workers=stage_cfg.num_workers, cache=True)
+            return distributed.shard_loader(_loader(samples, tf, stage_cfg.batch_size, shuffle=True,
+                                                    seed=stage_cfg.seed + epoch, num_workers=stage_cfg.num_workers,
+                                                    cache=True))
+    _log_batch_sizes(stage_cfg.batch_size)
     if name:
         log.info("stage %s: %d images, %s", stage.name, len(samples),
                  ", ".join(f"{k}={v}" for k, v in stage.overrides.items()) or "run settings")
@@ -243,10 +251,24 @@ def _run_stage(method: PromptMethod, stage: TrainStage, ctx: TrainContext, sampl
     summary = {"train_steps": result.steps, "train_seconds": round(result.seconds, 2),
                "train_images_per_second": round(result.images_per_second, 1), "final_loss": result.final_loss,
                "train_accuracy": result.train_accuracy}
-    save_file(stage_tensors(method), str(done.with_suffix(".tmp")))
-    (ckpt / "stage_done.json").write_text(json.dumps(summary))
-    os.replace(done.with_suffix(".tmp"), done)
+    if distributed.is_main_process():
+        save_file(stage_tensors(method), str(done.with_suffix(".tmp")))
+        (ckpt / "stage_done.json").write_text(json.dumps(summary))
+        os.replace(done.with_suffix(".tmp"), done)
     return summary
+
+
+def _log_batch_sizes(batch_size: int) -> None:
+    """State the batch per process and in total (``--batch-size`` is the global batch under torchrun)."""
+    st = distributed.state()
+    if not st.enabled:
+        log.info("batch size: %d", batch_size)
+        return
+    per = batch_size // st.world_size
+    if per * st.world_size != batch_size:
+        log.warning("batch size %d is not a multiple of the %d processes: %d per process, %d in total per step",
+                    batch_size, st.world_size, per, per * st.world_size)
+    log.info("batch size: %d per process x %d processes = %d per step", per, st.world_size, per * st.world_size)
 
 
 def _evaluate_halves(method: PromptMethod, backbone: Backbone, splits: DatasetSplits, subsample: str, template: str,

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training import distributed
 from training.errors import ConfigError
 from training.protocols import report
 from training.protocols.providers import (
@@ -119,6 +120,8 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, *, progress: bool = Tru
         runner.multi_source(datasets)
     else:
         runner.few_shot(datasets, cfg.shots)
+    if not distributed.is_main_process():  # under torchrun rank 0 alone writes the tables
+        return {}
     summary = write_tables(cfg, runner.out, runner.rows())
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     report.write_json(runner.out / "summary.json", summary)

@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from training import distributed
+
 
 class RunLog:
     """Append-only record of finished runs (``runs.jsonl``): what makes a reproduction resumable."""
@@ -23,5 +25,6 @@ class RunLog:
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows[row["run_id"]] = row
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if distributed.is_main_process():  # under torchrun every process keeps the rows, rank 0 writes them
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from promptclip.cli.values import int_list, name_list, parse_sets
+from training import distributed
 from training.methods import get_method_class
 from training.protocols.reproduce import ReproduceConfig, run_reproduce
 
@@ -20,6 +21,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                           datasets=name_list(args.datasets or ""), seeds=int_list(args.seeds), shots=shots,
                           source=args.source, backbone=args.backbone, pretrained=args.pretrained,
                           method_config=parse_sets(args.set), train=train)
-    run_reproduce(cfg, args.out, progress=not args.no_progress)
-    print((Path(args.out) / "results.md").read_text())
+    with distributed.session(args.device or "auto"):  # torchrun: one process per GPU; alone: a no-op
+        run_reproduce(cfg, args.out, progress=not args.no_progress)
+        if distributed.is_main_process():
+            print((Path(args.out) / "results.md").read_text())
     return 0

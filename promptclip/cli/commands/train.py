@@ -8,6 +8,7 @@ from typing import Any
 
 from promptclip.cli.values import parse_sets
 from serving.errors import PromptclipError
+from training import distributed
 from training.backbone import BACKBONES
 from training.data import multi_source_task
 from training.engine import TrainConfig
@@ -64,12 +65,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.target_domain and subsample != "all":
         log.info("--target-domain: training on every class (--subsample all)")
         subsample = "all"
-    res = train_run(method_name=args.method, data_root=data, out_dir=args.out, backbone_name=args.backbone,
-                    pretrained=args.pretrained, method_config=parse_sets(args.set), train_config=_train_config(args),
-                    shots=args.shots, subsample=subsample, template=args.template,
-                    evaluate_splits=not args.no_eval, overwrite=args.overwrite)
-    print(f"artifact: {res.artifact}")
-    print(json.dumps(res.metrics, indent=2))
+    train_config = _train_config(args)
+    with distributed.session(train_config.device):  # torchrun: one process per GPU; alone: a no-op
+        res = train_run(method_name=args.method, data_root=data, out_dir=args.out, backbone_name=args.backbone,
+                        pretrained=args.pretrained, method_config=parse_sets(args.set), train_config=train_config,
+                        shots=args.shots, subsample=subsample, template=args.template,
+                        evaluate_splits=not args.no_eval, overwrite=args.overwrite)
+        if distributed.is_main_process():
+            print(f"artifact: {res.artifact}")
+            print(json.dumps(res.metrics, indent=2))
     return 0
 
 
