@@ -211,7 +211,7 @@ def shard_loader(loader: DataLoader, st: DistState | None = None) -> DataLoader:
 
 
 # --------------------------------------------------------------------------- gradients
-class _TrainingLoss(nn.Module):
+class TrainingLoss(nn.Module):
     """``forward(batch) = method.training_loss(batch)``, so DDP can hook the method's training step."""
 
     def __init__(self, method: nn.Module) -> None:
@@ -224,7 +224,7 @@ class _TrainingLoss(nn.Module):
 
 def wrap_ddp(method: nn.Module, trainable: dict[str, nn.Parameter], device: torch.device) -> nn.Module:
     """DDP over ``method``'s training loss, reducing only ``trainable`` (the current stage's learned tensors)."""
-    module = _TrainingLoss(method)
+    module = TrainingLoss(method)
     keep = {id(p) for p in trainable.values()}
     ignore = [f"method.{n}" for n, p in method.named_parameters() if id(p) not in keep]
     ignore += [f"method.{n}" for n, _ in method.named_buffers()]

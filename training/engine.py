@@ -59,6 +59,7 @@ class TrainConfig:
     augment: str = "crop_flip"     #: crop_flip (random resized crop + flip, as the CoOp family) | flip | none
     log_every: int = 10
     grad_clip: float | None = None
+    compile: bool = False          #: torch.compile the training loss (first steps slower; CUDA throughput)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -208,15 +209,16 @@ def load_checkpoint(out_dir: Path, method: PromptMethod, opt: torch.optim.Optimi
 
 def train_step(method: PromptMethod, opt: torch.optim.Optimizer, batch: TrainBatch, *,
                amp_dtype: torch.dtype | None, grad_clip: float | None = None,
-               ddp: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+               loss_module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """One optimisation step: the method's loss (under autocast), backward, optional clipping, optimizer step.
 
-    ``ddp``: the method's loss wrapped by :func:`training.distributed.wrap_ddp` (several processes): its backward
-    averages the stage's trainable gradients over the processes. Everything here runs on the batch's device (no
+    ``loss_module``: a module whose ``forward(batch)`` is the method's loss, wrapped in DDP (several processes: its
+    backward averages the stage's trainable gradients) and/or ``torch.compile``. Everything here runs on the batch's
+    device (no
     host tensors, no host syncs); the device-correctness test runs exactly this function with the model on
     PyTorch's ``meta`` device."""
     with autocast(batch.images.device, amp_dtype):
-        parts = ddp(batch) if ddp is not None else method.training_loss(batch)
+        parts = loss_module(batch) if loss_module is not None else method.training_loss(batch)
     opt.zero_grad(set_to_none=True)
     parts["loss"].backward()
     if grad_clip:
@@ -271,7 +273,9 @@ def train(
             if state is not None:
                 start_epoch, step, history = state["epoch"], state["step"], state["history"]
                 log.info("resumed from %s at epoch %d (step %d)", out, start_epoch, step)
-    ddp = distributed.wrap_ddp(method, method.trainable_parameters(), device) if dist_state.enabled else None
+    loss_module = distributed.wrap_ddp(method, method.trainable_parameters(), device) if dist_state.enabled else None
+    if cfg.compile:
+        loss_module = torch.compile(loss_module or distributed.TrainingLoss(method))
     for cb in callbacks:
         cb.on_train_start(method, total)
 
@@ -295,7 +299,8 @@ def train(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             batch = TrainBatch(images=images, labels=labels, class_token_ids=class_token_ids)
-            parts = train_step(method, opt, batch, amp_dtype=amp_dtype, grad_clip=cfg.grad_clip, ddp=ddp)
+            parts = train_step(method, opt, batch, amp_dtype=amp_dtype, grad_clip=cfg.grad_clip,
+                               loss_module=loss_module)
             loss = parts["loss"]
             step += 1
             seen += images.shape[0]

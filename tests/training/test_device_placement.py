@@ -19,8 +19,10 @@ CFG = TrainConfig(epochs=1, max_steps=2, batch_size=4, lr=0.01, precision="fp32"
 
 
 def guarded_run(monkeypatch, tmp_path, data, name: str, guard: DeviceGuard | None = None,
+                text_rows: list[tuple[int, int, int]] | None = None,
                 **method_overrides) -> tuple[DeviceGuard, list[str]]:
-    """``train_run`` of ``name`` with the model on ``meta`` under a guard; strict inside every engine step."""
+    """``train_run`` of ``name`` with the model on ``meta`` under a guard; strict inside every engine step.
+    ``text_rows`` collects (text rows encoded, classes, batch size) per step."""
     guard = guard or DeviceGuard("meta")
     steps: list[str] = []
     real_step = engine.train_step
@@ -28,12 +30,20 @@ def guarded_run(monkeypatch, tmp_path, data, name: str, guard: DeviceGuard | Non
     def strict_step(method, opt, batch, **kwargs):
         # the step really runs on meta: the trainable tensors and the batch live there
         assert all(p.is_meta for p in method.trainable_parameters().values()) and batch.images.is_meta
+        rows = [0]
+        def count(_module, args):
+            rows[0] += len(args[0])
+
+        hook = method.text_encoder.register_forward_pre_hook(count)
         guard.strict = True
         try:
             return real_step(method, opt, batch, **kwargs)
         finally:
             guard.strict = False
+            hook.remove()
             steps.append(getattr(method, "_stage", None).name if getattr(method, "_stage", None) else "train")
+            if text_rows is not None:
+                text_rows.append((rows[0], len(batch.class_token_ids), len(batch.labels)))
 
     monkeypatch.setattr(engine, "train_step", strict_step)
     with guard:
@@ -61,8 +71,15 @@ def test_every_method_stage_and_callback_stays_on_the_model_device(monkeypatch, 
                                                                     name, overrides):
     cls = get_method_class(name)
     data = domain_data if cls.needs_domains else shapes_root
-    guard, steps = guarded_run(monkeypatch, tmp_path, data, name, **overrides)
+    text_rows: list[tuple[int, int, int]] = []
+    guard, steps = guarded_run(monkeypatch, tmp_path, data, name, text_rows=text_rows, **overrides)
     assert not guard.violations, "\n".join(str(v) for v in guard.violations)
+    # the text side per step: at most one pass over the classes (frozen targets are precomputed once), per image
+    # only where the text depends on the image (ISP's CSP variant B)
+    per_image = overrides.get("csp_variant") == "B"
+    assert all(rows <= classes * (batch if per_image else 1) for rows, classes, batch in text_rows), text_rows
+    if cls.capabilities.trainable and overrides.get("use_experts", True):
+        assert any(rows > 0 for rows, _, _ in text_rows)  # the hook sees the prompted text pass
     if cls.capabilities.trainable:
         # every stage ran real steps (2 each) under the strict check
         expected_stages = 3 if name == "guidg" and overrides.get("use_experts", True) else 1

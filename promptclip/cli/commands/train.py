@@ -44,7 +44,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     values = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "optimizer", "seed",
-                                            "device", "precision", "num_workers", "augment", "warmup_steps")
+                                            "device", "precision", "num_workers", "augment", "warmup_steps",
+                                            "compile")
               if getattr(args, k, None) is not None}
     return TrainConfig.from_dict(values)
 

@@ -45,6 +45,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     s.add_argument("--num-workers", type=int)
     s.add_argument("--augment", choices=["crop_flip", "flip", "none"])
+    s.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step (GPU)")
     s.add_argument("--no-eval", action="store_true", help="skip the base/new evaluation after training")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact in OUT/artifact")
     s.set_defaults(handler=(HANDLERS, "cmd_train"))
