@@ -173,7 +173,7 @@ def write_jpegs(root: Path, n: int, size: tuple[int, int] = (500, 375), seed: in
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i, path in enumerate(paths):
+    for path in paths:
         if path.exists():
             continue
         a, b, c = rng.uniform(0, 2 * np.pi, 3)
