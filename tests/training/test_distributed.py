@@ -118,3 +118,15 @@ def test_promptclip_train_under_torchrun(tmp_path, shapes_root):
     assert res.stdout.count("artifact:") == 1
     assert (tmp_path / "run" / "artifact" / "prompt_weights.safetensors").is_file()
     assert "per process x 2 processes" in res.stderr
+
+
+def test_promptclip_reproduce_under_torchrun(tmp_path):
+    """``reproduce`` under torchrun: rank 0 renders the toy data and writes the run log and tables, once."""
+    script = shutil.which("promptclip", path=str(Path(sys.executable).parent))
+    res = _torchrun([script, "reproduce", "base2novel", "--method", "coop", "--root", "data", "--datasets",
+                     "toyworld-clean", "--backbone", "tiny-test", "--pretrained", "none", "--max-steps", "2",
+                     "--batch-size", "8", "--device", "cpu", "--seeds", "1", "--out", "repro", "--set", "n_ctx=2"],
+                    tmp_path)
+    assert res.stdout.count("| method |") == 1
+    assert len((tmp_path / "repro" / "runs.jsonl").read_text().splitlines()) == 1
+    assert (tmp_path / "repro" / "results.md").is_file()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import training.workflow as workflow
+from training import distributed
 from training.artifact import load_prompt_artifact
 from training.data import DatasetSplits
 from training.engine import TrainConfig
@@ -111,6 +112,8 @@ class ProtocolRunner:
         self.out = Path(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.runs = RunLog(self.out / "runs.jsonl")
+        if distributed.state().enabled:  # under torchrun rank 0 prepares data (renders, caches) before the others
+            self.provider = _MainFirst(self.provider)
 
     def rows(self) -> list[dict[str, Any]]:
         """Every finished run's row, in the order they were first recorded."""
@@ -216,3 +219,21 @@ class ProtocolRunner:
 
     def _record(self, step: str, run_id: str, row: Mapping[str, Any]) -> None:
         self.runs.add(self.naming.row(step, {"run_id": run_id, "protocol": step, **row}))
+
+
+class _MainFirst:
+    """A provider whose every call runs on rank 0 first, then on the other processes (which then find what rank 0
+    prepared, e.g. a rendered toy-world dataset, instead of writing it at the same time)."""
+
+    def __init__(self, provider: DatasetProvider) -> None:
+        self._provider = provider
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._provider, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with distributed.main_process_first():
+                return attr(*args, **kwargs)
+        return call
