@@ -165,45 +165,58 @@ class ShardedBatches(Sampler[list[int]]):
 
     A global batch is cut to a multiple of N first (at most N-1 images of an epoch's last, smaller batch are
     dropped), so that every process gets the same number of images and DDP's plain average of the per-process
-    mean losses equals the mean over the global batch; a last batch smaller than N is dropped whole."""
+    mean losses equals the mean over the global batch; a last batch smaller than N is dropped whole.
+    ``drop_remainder=False`` (evaluation: every image counts once, no collective per batch) keeps every item, so
+    the shares may differ by one and a process may get one batch fewer."""
 
-    def __init__(self, batches: Any, rank: int, world_size: int) -> None:
+    def __init__(self, batches: Any, rank: int, world_size: int, *, drop_remainder: bool = True) -> None:
         self.batches, self.rank, self.world_size = batches, rank, world_size
+        self.drop_remainder = drop_remainder
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
             batch = list(batch)
-            usable = len(batch) - len(batch) % self.world_size
-            if usable:
-                yield batch[self.rank:usable:self.world_size]
+            usable = len(batch) - len(batch) % self.world_size if self.drop_remainder else len(batch)
+            share = batch[self.rank:usable:self.world_size]
+            if share:
+                yield share
 
     def __len__(self) -> int:
-        return len(self.batches) - (1 if self._last_size() < self.world_size else 0)
+        n, last = len(self.batches), self._last_size()
+        if self.drop_remainder:
+            return n - (1 if last < self.world_size else 0)
+        full = self._full_size()
+        return (n - 1) * (full > self.rank) + (last > self.rank) if n else 0
+
+    def _full_size(self) -> int:
+        size = getattr(self.batches, "batch_size", None)
+        return size if size is not None else self.batches.per_domain * len(self.batches.groups)
 
     def _last_size(self) -> int:
         """Size of the last global batch, without iterating (that would draw from the loader's generator)."""
         size = getattr(self.batches, "batch_size", None)
         if size is None:  # fixed-size batches (GuiDG's domain-balanced ones)
             size = self.batches.per_domain * len(self.batches.groups)
-            if size < self.world_size:
+            if size < self.world_size and self.drop_remainder:
                 raise ConfigError(f"a batch of {size} images cannot be shared by {self.world_size} processes; "
                                   f"raise --batch-size to at least {self.world_size}")
             return size
-        if size < self.world_size:
+        if size < self.world_size and self.drop_remainder:
             raise ConfigError(f"--batch-size {size} is smaller than the {self.world_size} processes; it is the "
                               f"global batch, raise it to a multiple of {self.world_size}")
         rest = 0 if self.batches.drop_last else len(self.batches.sampler) % size
         return rest or size
 
 
-def shard_loader(loader: DataLoader, st: DistState | None = None) -> DataLoader:
+def shard_loader(loader: DataLoader, st: DistState | None = None, *, drop_remainder: bool = True) -> DataLoader:
     """``loader`` (built exactly as for one process) with this process's share of every batch (no-op alone)."""
     st = st or _STATE
     if not st.enabled:
         return loader
     if loader.batch_sampler is None:
         raise ConfigError("cannot shard a DataLoader without a batch sampler (batch_size=None)")
-    return DataLoader(loader.dataset, batch_sampler=ShardedBatches(loader.batch_sampler, st.rank, st.world_size),
+    batches = ShardedBatches(loader.batch_sampler, st.rank, st.world_size, drop_remainder=drop_remainder)
+    return DataLoader(loader.dataset, batch_sampler=batches,
                       num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                       worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
                       generator=loader.generator,  # same generator: the same base seed and shuffle as one process

@@ -352,10 +352,13 @@ def encode_classes(method: PromptMethod, class_token_ids: torch.Tensor, *, promp
 @torch.no_grad()
 def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Tensor, *, device: str = "auto",
              progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Top-1 accuracy of ``method`` over ``loader`` against the classes in ``class_token_ids``."""
+    """Top-1 accuracy of ``method`` over ``loader`` against the classes in ``class_token_ids``.
+
+    Under torchrun each process scores its share of every batch and the counts are summed."""
     from tqdm.auto import tqdm
 
-    dev = resolve_device(device)
+    dev = distributed.device_for(resolve_device(device))
+    loader = distributed.shard_loader(loader, drop_remainder=False)
     method.to(dev).eval()
     image_conditioned = method.capabilities.text_depends_on_image
     num_sets = method.capabilities.num_prompt_sets
@@ -373,4 +376,6 @@ def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Te
         pred = logits.argmax(-1).cpu()
         correct += int((pred == labels).sum())
         total += int(labels.numel())
+    if distributed.state().enabled:
+        correct, total = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, total], device=dev)))
     return {"accuracy": correct / total if total else float("nan"), "num_images": total}

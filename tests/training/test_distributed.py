@@ -2,6 +2,7 @@
 one process with the same global batch."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -44,6 +45,15 @@ def test_shards_make_up_the_single_process_batches(n, size, world):
         assert len({len(p) for p in parts}) == 1  # equal shares
         usable = len(batch) - len(batch) % world
         assert sorted(sum(parts, [])) == sorted(batch[:usable])
+
+
+@pytest.mark.parametrize(("n", "size", "world"), [(32, 8, 2), (29, 8, 4), (17, 8, 2), (5, 2, 4)])
+def test_evaluation_shards_keep_every_item_once(n, size, world):
+    shards = [list(ShardedBatches(_batches(n, size, seed=1).batch_sampler, r, world, drop_remainder=False))
+              for r in range(world)]
+    assert all(len(s) == len(ShardedBatches(_batches(n, size).batch_sampler, r, world, drop_remainder=False))
+               for r, s in enumerate(shards))
+    assert sorted(i for s in shards for b in s for i in b) == list(range(n))
 
 
 def test_domain_balanced_batches_shard_exactly():
@@ -106,6 +116,10 @@ def test_two_processes_match_one_process(tmp_path, shapes_root):
     assert guidg_stages == ["expert-0", "expert-1", "finetune"]
     for m in ddp_worker.RUNS:
         assert not list((two / m).rglob("*.tmp"))
+        # the evaluation after training is sharded over the processes and summed: every test image once
+        ma, mb = (json.loads((d / m / "artifact" / "metrics.json").read_text()) for d in (one, two))
+        assert ma["all_num_images"] == mb["all_num_images"] > 0
+        assert abs(ma["all_accuracy"] - mb["all_accuracy"]) <= 1.0 / ma["all_num_images"]  # a near-tie may flip
 
 
 def test_promptclip_train_under_torchrun(tmp_path, shapes_root):
