@@ -10,6 +10,7 @@ from device_guard import DeviceGuard
 
 import training.engine as engine
 from promptclip_testing import TINY, tiny_method_config
+from training.callbacks import Callback
 from training.engine import TrainConfig
 from training.methods import get_method_class, list_methods
 from training.methods.ivlp import IVLP
@@ -46,11 +47,34 @@ def guarded_run(monkeypatch, tmp_path, data, name: str, guard: DeviceGuard | Non
                 text_rows.append((rows[0], len(batch.class_token_ids), len(batch.labels)))
 
     monkeypatch.setattr(engine, "train_step", strict_step)
+    # per-step callback work (BMA's running average) is in the hot path too: strict as well
+    for cb_cls in _callback_classes():
+        if "on_step_end" in vars(cb_cls):
+            monkeypatch.setattr(cb_cls, "on_step_end", _strict(guard, vars(cb_cls)["on_step_end"]))
     with guard:
         train_run(method_name=name, data_root=data, out_dir=tmp_path / name, backbone_name=TINY,
                   method_config={**tiny_method_config(name), **method_overrides}, train_config=CFG, shots=2,
                   subsample="all", progress=False)
     return guard, steps
+
+
+def _callback_classes() -> list[type[Callback]]:
+    out, todo = [], [Callback]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo += cls.__subclasses__()
+    return out
+
+
+def _strict(guard: DeviceGuard, fn):
+    def wrapped(*args, **kwargs):
+        guard.strict, before = True, guard.strict
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            guard.strict = before
+    return wrapped
 
 
 @pytest.fixture(scope="module")
