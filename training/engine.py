@@ -214,9 +214,8 @@ def train_step(method: PromptMethod, opt: torch.optim.Optimizer, batch: TrainBat
 
     ``loss_module``: a module whose ``forward(batch)`` is the method's loss, wrapped in DDP (several processes: its
     backward averages the stage's trainable gradients) and/or ``torch.compile``. Everything here runs on the batch's
-    device (no
-    host tensors, no host syncs); the device-correctness test runs exactly this function with the model on
-    PyTorch's ``meta`` device."""
+    device (no host tensors, no host syncs); the device-correctness test runs exactly this function with the model
+    on PyTorch's ``meta`` device."""
     with autocast(batch.images.device, amp_dtype):
         parts = loss_module(batch) if loss_module is not None else method.training_loss(batch)
     opt.zero_grad(set_to_none=True)
