@@ -276,7 +276,7 @@ def evaluate_artifact(artifact: str | Path | PromptArtifact, data_root: str | Pa
                       pretrained: str | None = None) -> dict[str, Any]:
     """Accuracy of a trained artifact on ``data_root``'s ``split`` restricted to the ``subsample`` classes."""
     art = artifact if isinstance(artifact, PromptArtifact) else load_prompt_artifact(artifact, pretrained=pretrained)
-    data = data_root if isinstance(data_root, DatasetSplits) else read_image_folder(data_root)
+    data = data_root if isinstance(data_root, DatasetSplits) else read_image_folder(data_root, allow_test_only=True)
     splits = subsample_classes(data, subsample)
     samples = getattr(splits, split)
     if not samples:
