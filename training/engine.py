@@ -324,8 +324,9 @@ def encode_classes(method: PromptMethod, class_token_ids: torch.Tensor, *, promp
 
 @torch.no_grad()
 def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Tensor, *, device: str = "auto",
-             progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Top-1 accuracy of ``method`` over ``loader`` against the classes in ``class_token_ids``."""
+             progress: bool = False, desc: str = "eval", keep_logits: bool = False) -> dict[str, Any]:
+    """Top-1 accuracy of ``method`` over ``loader`` against the classes in ``class_token_ids`` (``keep_logits``:
+    also every image's logits, ``"logits"`` [N, C], in loader order)."""
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)
@@ -334,7 +335,7 @@ def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Te
     num_sets = method.capabilities.num_prompt_sets
     texts = None if image_conditioned else [encode_classes(method, class_token_ids, prompt_set=s)
                                             for s in range(num_sets)]  # S x [C, D], once
-    correct, total = 0, 0
+    correct, total, kept = 0, 0, []
     for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
         images = images.to(dev)
         feats = method.encode_image(images).float()  # [B, D]
@@ -346,4 +347,6 @@ def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Te
         pred = logits.argmax(-1).cpu()
         correct += int((pred == labels).sum())
         total += int(labels.numel())
-    return {"accuracy": correct / total if total else float("nan"), "num_images": total}
+        kept.extend([logits.float().cpu()] if keep_logits else [])
+    out: dict[str, Any] = {"accuracy": correct / total if total else float("nan"), "num_images": total}
+    return {**out, "logits": torch.cat(kept)} if keep_logits and kept else out

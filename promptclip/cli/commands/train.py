@@ -76,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     data = _data_arg(args, seed=args.seed)
     res = evaluate_artifact(args.artifact, data, subsample=args.subsample, split=args.split,
-                            batch_size=args.batch_size, device=args.device, pretrained=args.pretrained)
+                            batch_size=args.batch_size, device=args.device, pretrained=args.pretrained,
+                            per_image=args.per_image)
     print(json.dumps(res, indent=2))
     return 0

@@ -61,4 +61,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto")
     s.add_argument("--pretrained", default=None, help="backbone weights when the recorded source is not available")
+    s.add_argument("--per-image", action="store_true",
+                   help="also print every image's top-1 class and class scores (softmax, as 'classify' gives them)")
     s.set_defaults(handler=(HANDLERS, "cmd_eval"))
