@@ -43,8 +43,9 @@ def eval_transform(backbone: Backbone) -> EvalTransform:
     return EvalTransform(backbone.preprocess)
 
 
-def train_transform(backbone: Backbone, augment: str):
-    """CoOp-family augmentation: random resized crop (bicubic) + horizontal flip + CLIP normalisation."""
+def train_transform(backbone: Backbone, augment: str, crop_scale: tuple[float, float] = (0.08, 1.0)):
+    """CoOp-family augmentation: random resized crop (bicubic, area ``crop_scale``) + horizontal flip + CLIP
+    normalisation."""
     if augment == "none":
         return eval_transform(backbone)
     from torchvision import transforms as T
@@ -53,7 +54,7 @@ def train_transform(backbone: Backbone, augment: str):
     if augment == "flip":
         return T.Compose([T.RandomHorizontalFlip(), eval_transform(backbone)])
     return T.Compose([
-        T.RandomResizedCrop(tuple(p["image_size"]), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(tuple(p["image_size"]), scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.Lambda(lambda im: im.convert("RGB")),
         T.ToTensor(),
@@ -220,7 +221,7 @@ def _run_stage(method: PromptMethod, stage: TrainStage, ctx: TrainContext, sampl
     if len(samples) < stage_cfg.batch_size:
         log.warning("only %d training images for batch_size=%d: batches will be smaller", len(samples),
                     stage_cfg.batch_size)
-    tf = train_transform(backbone, stage_cfg.augment)
+    tf = train_transform(backbone, stage_cfg.augment, stage_cfg.crop_scale)
     if stage.balanced_domains:
         def loader_factory(epoch: int):
             ds = ImageListDataset(samples, tf, cache_decoded=True)

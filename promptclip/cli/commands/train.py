@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any
 
-from promptclip.cli.values import parse_sets
+from promptclip.cli.values import float_pair, parse_sets
 from serving.errors import PromptclipError
 from training.backbone import BACKBONES
 from training.data import multi_source_task
@@ -43,8 +43,11 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     values = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "optimizer", "seed",
-                                            "device", "precision", "num_workers", "augment", "warmup_steps")
+                                            "device", "precision", "num_workers", "augment", "warmup_steps",
+                                            "warmup_epochs", "warmup_lr", "momentum", "weight_decay")
               if getattr(args, k, None) is not None}
+    if getattr(args, "crop_scale", None):
+        values["crop_scale"] = float_pair(args.crop_scale, "--crop-scale")
     return TrainConfig.from_dict(values)
 
 
