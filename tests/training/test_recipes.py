@@ -79,3 +79,25 @@ def test_reproduce_uses_prints_and_records_the_recipe(tmp_path, capsys):
     run = json.loads((out / "runs" / "b2n" / "toyworld-clean" / "seed1" / "artifact" / "training_config.json")
                      .read_text())
     assert run["train"]["batch_size"] == 4 and run["train"]["momentum"] == 0.5
+
+
+def test_few_shot_epochs_follow_the_shot_count_unless_overridden(tmp_path, monkeypatch):
+    import training.workflow as wf
+    from training.protocols.reproduce import ReproduceConfig, run_reproduce
+
+    r = resolve_recipe("coop", "few-shot", "tiny-test")
+    assert r["train_by_shots"] == {1: {"epochs": 50}, 2: {"epochs": 100}, 4: {"epochs": 100}}
+    assert resolve_recipe("coop", "few-shot", "tiny-test", train={"epochs": 3})["train_by_shots"] == {}
+    epochs, real = {}, wf.train_run
+
+    def spy(**kw):
+        epochs[kw["shots"]] = kw["train_config"].epochs
+        return real(**kw)
+
+    monkeypatch.setattr(wf, "train_run", spy)
+    cfg = ReproduceConfig(protocol="few-shot", method="coop", root=str(tmp_path / "data"), backbone="tiny-test",
+                          datasets=("toyworld-clean",), seeds=(1,), shots=(1, 8), method_config={"n_ctx": 4},
+                          train={"max_steps": 1, "device": "cpu"}, recipe="paper")
+    run_reproduce(cfg, tmp_path / "out", progress=False)
+    recorded = json.loads((tmp_path / "out" / "summary.json").read_text())["recipe"]
+    assert epochs == {1: 50, 8: 200} and recorded["train_by_shots"]["1"] == {"epochs": 50}

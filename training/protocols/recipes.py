@@ -57,11 +57,13 @@ class Recipe:
     method_config: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
     note: str = ""
+    #: TrainConfig values that differ per number of shots (few-shot protocol), e.g. CoOp's epochs
+    by_shots: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _r(method: str, protocol: str, train: Mapping[str, Any], method_config: Mapping[str, Any] | None = None, *,
-       source: str, note: str = "") -> Recipe:
-    return Recipe(method, protocol, dict(train), dict(method_config or {}), source, note)
+       source: str, note: str = "", by_shots: Mapping[int, Mapping[str, Any]] | None = None) -> Recipe:
+    return Recipe(method, protocol, dict(train), dict(method_config or {}), source, note, dict(by_shots or {}))
 
 
 _IVLP_CFG = {"n_ctx_text": 4, "n_ctx_vision": 4, "depth_text": 9, "depth_vision": 9}
@@ -80,7 +82,8 @@ RECIPES: dict[tuple[str, str], Recipe] = {(r.method, r.protocol): r for r in (
     _r("coop", "cross-dataset", {**_SGD, "batch_size": 32, "lr": 0.002, "epochs": 50}, {"n_ctx": 16},
        source=_COOP_IN),
     _r("coop", "few-shot", {**_SGD, "batch_size": 32, "lr": 0.002, "epochs": 200}, {"n_ctx": 16}, source=_COOP,
-       note="CoOp: 50 epochs for 1 shot, 100 for 2/4, 200 for 8/16 (pass --epochs per shot count)"),
+       note="CoOp paper: 50 epochs for 1 shot, 100 for 2/4, 200 for 8/16 (applied per shot count)",
+       by_shots={1: {"epochs": 50}, 2: {"epochs": 100}, 4: {"epochs": 100}}),
     _r("ivlp", "base2novel", _IVLP_B2N, _IVLP_CFG, source=_IVLP),
     _r("ivlp", "cross-dataset", {**_SGD, "batch_size": 4, "lr": 0.0035, "epochs": 5},
        _IVLP_2X2, source=_IVLP_XD, note=_NOTE_2X2),
@@ -136,8 +139,9 @@ def resolve_recipe(method: str, protocol: str, backbone: str, *, train: Mapping[
     """The settings a reproduction runs with: the recipe, then the user's ``train`` / ``method_config`` on top.
 
     Prompt depths of the recipe that exceed ``backbone``'s layers are left to the usual depth fitting (the papers'
-    depths assume ViT-B/16's 12 blocks). Returns ``{"method", "protocol", "train", "method_config", "source",
-    "note", "overridden"}`` (``overridden``: the keys the user changed)."""
+    depths assume ViT-B/16's 12 blocks). Returns ``{"method", "protocol", "train", "train_by_shots",
+    "method_config", "source", "note", "overridden"}`` (``train_by_shots``: per-shot-count values the user did not
+    override; ``overridden``: the keys the user changed)."""
     recipe = recipe_for(method, protocol)
     rec_method = dict(recipe.method_config)
     num_layers = get_backbone_spec(backbone).num_layers
@@ -151,7 +155,9 @@ def resolve_recipe(method: str, protocol: str, backbone: str, *, train: Mapping[
     user_train, user_method = dict(train or {}), dict(method_config or {})
     overridden = sorted(k for k in user_train if recipe.train.get(k, object()) != user_train[k]) + sorted(
         f"--set {k}" for k in user_method if rec_method.get(k, object()) != user_method[k])
+    by_shots = {k: {kk: vv for kk, vv in v.items() if kk not in user_train} for k, v in recipe.by_shots.items()}
     return {"method": method, "protocol": protocol, "train": {**recipe.train, **user_train},
+            "train_by_shots": {k: v for k, v in by_shots.items() if v},
             "method_config": {**rec_method, **user_method}, "source": recipe.source, "note": recipe.note,
             "overridden": overridden}
 
@@ -162,6 +168,10 @@ def format_recipe(resolved: Mapping[str, Any]) -> str:
     method = ", ".join(f"{k}={_fmt(v)}" for k, v in resolved["method_config"].items())
     lines = [f"recipe for {resolved['method']} / {resolved['protocol']}: {train or '(training defaults)'}",
              f"  method options: {method or '(defaults)'}", f"  source: {resolved['source'] or '-'}"]
+    if resolved.get("train_by_shots"):
+        lines.append("  per number of shots: " + "; ".join(
+            f"{k}: " + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items())
+            for k, v in sorted(resolved["train_by_shots"].items())))
     if resolved.get("note"):
         lines.append(f"  note: {resolved['note']}")
     if resolved.get("overridden"):

@@ -96,7 +96,7 @@ class ReproduceConfig:
         if self.recipe == "paper":
             return resolve_recipe(self.method, self.protocol, self.backbone, train=self.train,
                                   method_config=self.method_config)
-        return {"method": self.method, "protocol": self.protocol, "train": dict(self.train),
+        return {"method": self.method, "protocol": self.protocol, "train": dict(self.train), "train_by_shots": {},
                 "method_config": dict(self.method_config), "source": "none (--recipe none: the settings given)",
                 "note": "", "overridden": []}
 
@@ -126,7 +126,8 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, *, progress: bool = Tru
     log.info("%s", format_recipe(recipe))
     runner = ProtocolRunner(provider, Path(out), NAMING, methods=(cfg.method,), seeds=cfg.seeds, shots=cfg.shots[0],
                             backbone=cfg.backbone, pretrained=cfg.pretrained, method_config=recipe["method_config"],
-                            train=recipe["train"], few_shot_cache=True, progress=progress)
+                            train=recipe["train"], train_by_shots=recipe["train_by_shots"], few_shot_cache=True,
+                            progress=progress)
     datasets = cfg.datasets or provider.default_datasets(cfg.protocol)
     if cfg.protocol == "base2novel":
         runner.base2novel(datasets)

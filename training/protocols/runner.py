@@ -104,6 +104,8 @@ class ProtocolRunner:
     pretrained: str | None = None
     method_config: Mapping[str, Any] = field(default_factory=dict)
     train: Mapping[str, Any] = field(default_factory=dict)
+    #: TrainConfig values per number of shots, over ``train`` (a recipe's, e.g. CoOp's epochs per shot count)
+    train_by_shots: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     few_shot_cache: bool = False
     progress: bool = True
 
@@ -248,7 +250,8 @@ class ProtocolRunner:
             method_name=name, data_root=data, out_dir=self.out / "runs" / run_id, backbone_name=self.backbone,
             pretrained=self.pretrained, overwrite=True, progress=self.progress,
             method_config=method_config_for_backbone(name, self.backbone, {**self.method_config, **overrides}),
-            train_config=TrainConfig.from_dict({**self.train, "seed": seed}), shots=shots, subsample=subsample,
+            train_config=TrainConfig.from_dict({**self.train, **self.train_by_shots.get(shots, {}), "seed": seed}),
+            shots=shots, subsample=subsample,
             evaluate_splits=evaluate_splits,
             few_shot_cache=self.out / "few_shot_cache" / cache if self.few_shot_cache and cache else None)
         return res.metrics, round(time.perf_counter() - t0, 1)
