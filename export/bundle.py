@@ -40,8 +40,8 @@ from serving.manifest import (
     write_manifest,
 )
 from serving.tokenizer import ClipTokenizer, default_vocab_path
-from training.artifact import PromptArtifact, load_prompt_artifact, versions
-from training.errors import ExportError
+from training.artifact import PromptArtifact, check_rebuilt_backbone, load_prompt_artifact, versions
+from training.errors import ArtifactError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ def export_bundle(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
     art = artifact if isinstance(artifact, PromptArtifact) else load_prompt_artifact(artifact, pretrained=pretrained)
+    try:  # the bundle must hold the backbone the prompts were trained on: weights, activation, open_clip model
+        check_rebuilt_backbone(art.config.backbone, art.backbone, where=str(art.path))
+    except ArtifactError as exc:
+        raise ExportError(f"refusing to export: {exc}") from exc
     method, backbone = art.method.to("cpu").eval(), art.backbone
     caps = method.capabilities
     if caps.text_depends_on_image:
@@ -154,7 +158,8 @@ def export_bundle(
             method=MethodInfo(name=method.name, config=method.config.to_dict(),
                               capabilities=Capabilities(**caps.__dict__)),
             backbone=BackboneInfo(name=backbone.name, pretrained=backbone.pretrained,
-                                  weights_sha256=backbone.weights_sha256, weights=backbone.describe_weights()),
+                                  weights_sha256=backbone.weights_sha256, weights=backbone.describe_weights(),
+                                  activation=backbone.activation, open_clip_model=backbone.open_clip_model),
             embedding_dim=int(embeddings[0].shape[1]),
             logit_scale=float(method.logit_scale),
             preprocessing=Preprocessing(**backbone.preprocess),

@@ -130,12 +130,15 @@ class MethodInfo:
 
 @dataclass(frozen=True, kw_only=True)
 class BackboneInfo:
-    """The CLIP backbone (informative)."""
+    """The CLIP backbone (informative): ``activation`` (``gelu`` / ``quick_gelu``) and ``open_clip_model`` are
+    absent in bundles exported before they were recorded."""
 
     name: str | None = None
     pretrained: str | None = None
     weights_sha256: str | None = None
     weights: str | None = None
+    activation: str | None = field(default=None, metadata={"omit_none": True})
+    open_clip_model: str | None = field(default=None, metadata={"omit_none": True})
 
 
 @dataclass(frozen=True, kw_only=True)

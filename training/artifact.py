@@ -28,7 +28,7 @@ import torch
 
 from serving.format import FormatModel, FormatSpec, warn_unknown_keys
 from training import __version__ as PROMPTCLIP_VERSION
-from training.backbone import Backbone, create_backbone
+from training.backbone import ACTIVATIONS, GELU, QUICK_GELU, Backbone, create_backbone, get_backbone_spec
 from training.config import config_from_dict
 from training.errors import ArtifactError
 from training.methods import PromptMethod, create_method, get_method_class
@@ -63,12 +63,41 @@ class MethodSection:
 
 @dataclass(frozen=True, kw_only=True)
 class BackboneSection:
-    """How to rebuild the frozen backbone: name, weights source, their sha256 fingerprint, init seed."""
+    """How to rebuild the frozen backbone: name, weights source, their sha256 fingerprint, init seed, the
+    activation it was built with and open_clip's model name (both absent in artifacts written before they were
+    recorded: :func:`recorded_activation`)."""
 
     name: str
     pretrained: str | None
     weights_sha256: str | None = None
     init_seed: int = 0
+    activation: str | None = None
+    open_clip_model: str | None = None
+
+
+def recorded_activation(section: BackboneSection) -> str:
+    """The activation the artifact's backbone was built with: the recorded one, or for an artifact written before
+    it was recorded, the one promptclip built then (QuickGELU for the registry's ViT entries, else the spec's)."""
+    if section.activation is not None:
+        return section.activation
+    spec = get_backbone_spec(section.name)
+    return QUICK_GELU if spec.legacy_quick_gelu or spec.quick_gelu else GELU
+
+
+def check_rebuilt_backbone(section: BackboneSection, backbone: Backbone, *, where: str) -> None:
+    """Raise :class:`ArtifactError` unless ``backbone`` is the one ``section`` records: same weights (sha256), same
+    activation, same open_clip model (export refuses anything it could not rebuild identically)."""
+    problems = []
+    if backbone.weights_sha256 != section.weights_sha256:
+        problems.append(f"the weights (sha256 {backbone.weights_sha256[:12]}) differ from the ones it was trained on "
+                        f"({str(section.weights_sha256)[:12]}); pass the same weights with --pretrained")
+    if backbone.activation != recorded_activation(section):
+        problems.append(f"activation {backbone.activation} instead of {recorded_activation(section)}")
+    if section.open_clip_model is not None and backbone.open_clip_model != section.open_clip_model:
+        problems.append(f"open_clip model {backbone.open_clip_model} instead of {section.open_clip_model}")
+    if problems:
+        raise ArtifactError(f"the backbone rebuilt for {where} is not the one it was trained on: "
+                            + "; ".join(problems))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,7 +187,8 @@ def save_prompt_artifact(
         method=MethodSection(name=method.name, config=method.config.to_dict(),
                              capabilities=method.capabilities.__dict__.copy()),
         backbone=BackboneSection(name=backbone.name, pretrained=backbone.pretrained,
-                                 weights_sha256=backbone.weights_sha256, init_seed=backbone.init_seed),
+                                 weights_sha256=backbone.weights_sha256, init_seed=backbone.init_seed,
+                                 activation=backbone.activation, open_clip_model=backbone.open_clip_model),
         text=TextSection(dataset_template=dataset_template, prompt_template=method.prompt_template(dataset_template),
                          ctx_start=1, n_ctx=method.n_text_ctx, context_length=backbone.context_length),
         preprocessing=dict(backbone.preprocess),
@@ -233,12 +263,14 @@ def load_prompt_artifact(
     cfg = read_prompt_config(path)
     method_cls = get_method_class(cfg.method.name)  # unknown method -> RegistryError with the known list
     bcfg = cfg.backbone
-    backbone = create_backbone(bcfg.name, pretrained or bcfg.pretrained, init_seed=int(bcfg.init_seed), device=device)
-    if check_weights and backbone.weights_sha256 != bcfg.weights_sha256:
-        raise ArtifactError(
-            f"the backbone weights loaded for {path} (sha256 {backbone.weights_sha256[:12]}) differ from the ones it "
-            f"was trained on ({str(bcfg.weights_sha256)[:12]}); pass the same weights with --pretrained"
-        )
+    activation = recorded_activation(bcfg)
+    if activation not in ACTIVATIONS:
+        raise ArtifactError(f"{path / CONFIG_FILE}: backbone activation {activation!r} is none this promptclip can "
+                            f"build ({', '.join(ACTIVATIONS)}); upgrade promptclip or train it again")
+    backbone = create_backbone(bcfg.name, pretrained or bcfg.pretrained, init_seed=int(bcfg.init_seed), device=device,
+                               activation=activation)
+    if check_weights:
+        check_rebuilt_backbone(bcfg, backbone, where=str(path))
     # A stored config is read tolerantly (unknown options: one warning, ignored); user-given options stay strict.
     cfg_path = path / CONFIG_FILE
     method_config = config_from_dict(

@@ -9,7 +9,16 @@ A backbone is an open_clip model name plus where its weights come from:
 
 Weights are never silently replaced: a tag that cannot be fetched is one :class:`BackboneError` that names the
 local-file option. Custom configs (e.g. ``tiny-test``) are registered here explicitly with their open_clip
-model config dict; nothing is added to open_clip's global config table.
+model config dict; nothing is added to open_clip's global config table. Any other open_clip model name
+(``open_clip.list_models()``, e.g. ``ViT-B-16-quickgelu`` or ``ViT-L-14-336``) is a backbone too.
+
+The activation comes from the weights (:func:`weights_activation`): an open_clip pretrained tag says whether its
+weights were trained with QuickGELU (open_clip's pretrained config, e.g. every ``openai`` tag); a local file or
+random weights are built as the named model says (``ViT-B-16``: GELU, ``ViT-B-16-quickgelu``: QuickGELU). open_clip
+3.3.0's own ``create_model("ViT-B-16", pretrained="openai")`` builds GELU and only warns of the "QuickGELU
+mismatch"; we build what the weights were trained with, i.e. open_clip's ``create_model("ViT-B-16-quickgelu",
+pretrained="openai")``. The activation, the open_clip model name and the weights' sha256 are recorded in the
+artifact and the bundle manifest.
 """
 from __future__ import annotations
 
@@ -29,6 +38,11 @@ from training.errors import BackboneError, RegistryError
 
 log = logging.getLogger(__name__)
 
+GELU = "gelu"
+QUICK_GELU = "quick_gelu"
+#: The activations a CLIP transformer can be built with (``nn.GELU`` / open_clip's ``QuickGELU``).
+ACTIVATIONS = (GELU, QUICK_GELU)
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -38,7 +52,9 @@ class BackboneSpec:
     """How to build one backbone.
 
     Exactly one of ``open_clip_name`` (a built-in open_clip config) or ``model_cfg`` (an open_clip model config
-    dict, for configs open_clip does not ship) is set.
+    dict, for configs open_clip does not ship) is set. ``quick_gelu`` is the activation of a ``model_cfg`` spec
+    (an open_clip name's own config decides for it). ``legacy_quick_gelu``: artifacts written before the activation
+    was recorded were built with QuickGELU (every ViT entry of the registry then).
     """
 
     name: str
@@ -47,6 +63,7 @@ class BackboneSpec:
     model_cfg: Mapping[str, Any] | None = None
     default_pretrained: str = "openai"
     quick_gelu: bool = False
+    legacy_quick_gelu: bool = False
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
@@ -96,12 +113,15 @@ TOY_CLIP_WEIGHTS = "toyworld/weights/toy-clip.safetensors"  # relative to the tr
 
 def _build_registry() -> dict[str, BackboneSpec]:
     specs = [
-        BackboneSpec("ViT-B-16", "OpenAI CLIP ViT-B/16 (the papers' backbone)", open_clip_name="ViT-B-16",
-                     quick_gelu=True),
-        BackboneSpec("ViT-B-32", "OpenAI CLIP ViT-B/32", open_clip_name="ViT-B-32", quick_gelu=True),
-        BackboneSpec("ViT-L-14", "OpenAI CLIP ViT-L/14", open_clip_name="ViT-L-14", quick_gelu=True),
+        BackboneSpec("ViT-B-16", "CLIP ViT-B/16 (the papers' backbone with --pretrained openai; GELU for a local "
+                     "file: use ViT-B-16-quickgelu for OpenAI weights in a file)", open_clip_name="ViT-B-16",
+                     legacy_quick_gelu=True),
+        BackboneSpec("ViT-B-32", "CLIP ViT-B/32 (as ViT-B-16)", open_clip_name="ViT-B-32", legacy_quick_gelu=True),
+        BackboneSpec("ViT-L-14", "CLIP ViT-L/14 (as ViT-B-16)", open_clip_name="ViT-L-14", legacy_quick_gelu=True),
         BackboneSpec("tiny-test", "2-layer random-init CLIP for tests (32 px, width 64, real BPE vocab)",
                      model_cfg=TINY_TEST_CFG, default_pretrained="none"),
+        BackboneSpec("tiny-test-quickgelu", "tiny-test with QuickGELU (as open_clip's *-quickgelu models; tests)",
+                     model_cfg=TINY_TEST_CFG, default_pretrained="none", quick_gelu=True),
         BackboneSpec("toy-clip", "8M-param CLIP pretrained offline on the procedural toy world (32 px)",
                      model_cfg=TOY_CLIP_CFG, default_pretrained="toyworld",
                      weights_files={"toyworld": TOY_CLIP_WEIGHTS}),
@@ -123,13 +143,58 @@ def list_backbones() -> list[str]:
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
-    """The spec of backbone ``name``; an unknown name raises with the known list."""
-    try:
+    """The spec of backbone ``name``: a registry entry, else any open_clip model name (built as open_clip's config
+    says); an unknown name raises with the known list."""
+    if name in BACKBONES:
         return BACKBONES[name]
-    except KeyError:
-        raise RegistryError(
-            f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}"
-        ) from None
+    import open_clip  # heavy (torch); only names outside the registry need it
+
+    if open_clip.get_model_config(name) is not None:
+        return BackboneSpec(name, f"open_clip model {name}", open_clip_name=name)
+    raise RegistryError(
+        f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}, or any open_clip model name "
+        f"(python -c 'import open_clip; print(open_clip.list_models())')"
+    )
+
+
+def _tag_config(spec: BackboneSpec, pretrained: str | None) -> dict[str, Any]:
+    """open_clip's pretrained config of tag ``pretrained`` for ``spec`` ({} for files, none, or unknown tags)."""
+    if spec.open_clip_name is None or not pretrained or pretrained.lower() == "none" or os.path.isfile(pretrained):
+        return {}
+    import open_clip
+
+    return dict(open_clip.get_pretrained_cfg(spec.open_clip_name, pretrained) or {})
+
+
+def weights_activation(spec: BackboneSpec, pretrained: str | None) -> str:
+    """The activation the weights ``pretrained`` of ``spec`` need (see the module docstring): an open_clip tag's
+    own ``quick_gelu``, else the model config's."""
+    if spec.model_cfg is not None:
+        return QUICK_GELU if spec.quick_gelu else GELU
+    tag = _tag_config(spec, pretrained)
+    if tag:
+        return QUICK_GELU if tag.get("quick_gelu", False) else GELU
+    import open_clip
+
+    cfg = open_clip.get_model_config(spec.open_clip_name) or {}
+    return QUICK_GELU if cfg.get("quick_gelu", False) else GELU
+
+
+def model_activation(model: torch.nn.Module) -> str:
+    """The activation a built CLIP really uses, read from its modules (``QuickGELU`` or ``nn.GELU``); raises
+    :class:`BackboneError` when its blocks mix them or use another one."""
+    from open_clip.transformer import CustomResidualAttentionBlock, QuickGELU, ResidualAttentionBlock
+
+    found = set()
+    for block in model.modules():
+        if isinstance(block, (ResidualAttentionBlock, CustomResidualAttentionBlock)):
+            act = block.mlp.gelu
+            found.add(QUICK_GELU if isinstance(act, QuickGELU) else GELU if isinstance(act, torch.nn.GELU)
+                      else type(act).__name__)
+    if len(found) != 1 or not found <= set(ACTIVATIONS):
+        raise BackboneError(f"the backbone's transformer blocks use the activation(s) {sorted(found)}; expected "
+                            f"one of {', '.join(ACTIVATIONS)}")
+    return found.pop()
 
 
 @dataclass
@@ -142,10 +207,16 @@ class Backbone:
     weights_sha256: str
     init_seed: int
     preprocess: dict[str, Any] = field(default_factory=dict)
+    activation: str = GELU
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def open_clip_model(self) -> str | None:
+        """open_clip's model name this backbone was built from (``None`` for a custom ``model_cfg``)."""
+        return self.spec.open_clip_name
 
     @property
     def context_length(self) -> int:
@@ -169,8 +240,9 @@ class Backbone:
     def describe_weights(self) -> str:
         """One line that says plainly which weights are loaded."""
         if self.pretrained == "none":
-            return f"{self.name} with RANDOM weights (--pretrained none, init seed {self.init_seed})"
-        return f"{self.name} with pretrained weights {self.pretrained!r} (sha256 {self.weights_sha256[:12]})"
+            return f"{self.name} with RANDOM weights (--pretrained none, init seed {self.init_seed}, {self.activation})"
+        return (f"{self.name} with pretrained weights {self.pretrained!r} (sha256 {self.weights_sha256[:12]}, "
+                f"{self.activation})")
 
 
 def state_fingerprint(model: torch.nn.Module) -> str:
@@ -193,27 +265,35 @@ def create_backbone(
     *,
     init_seed: int = 0,
     device: str | torch.device = "cpu",
+    activation: str | None = None,
 ) -> Backbone:
     """Build backbone ``name`` frozen and in eval mode.
 
     Args:
-        name: a registered backbone name (:func:`list_backbones`).
+        name: a registered backbone name (:func:`list_backbones`) or any open_clip model name.
         pretrained: an open_clip tag (``"openai"``), a local weights file, or ``"none"`` for random weights.
             ``None`` uses the spec's default.
         init_seed: seed of the random initialisation (matters only for ``"none"``).
         device: where to put the model.
+        activation: build with this activation (``gelu`` / ``quick_gelu``: how an artifact records it) instead of
+            the one the weights need (:func:`weights_activation`).
     """
     import open_clip
 
     spec = get_backbone_spec(name)
     pretrained = spec.default_pretrained if pretrained is None else str(pretrained)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise BackboneError(f"unknown activation {activation!r} for backbone {name}; expected one of "
+                            f"{', '.join(ACTIVATIONS)}")
+    activation = activation or weights_activation(spec, pretrained)
+    quick_gelu = activation == QUICK_GELU
     torch.manual_seed(init_seed)  # random init is reproducible: an artifact on random weights can be re-created
     if pretrained.lower() == "none":
         log.warning(
             "Backbone %s uses RANDOM weights (--pretrained none): results mean nothing beyond code paths. "
             "Pass --pretrained openai or --pretrained /path/to/weights for real use.", name,
         )
-        model = _instantiate(spec, open_clip)
+        model = _instantiate(spec, open_clip, quick_gelu)
         pretrained = "none"
     elif pretrained in spec.weights_files or os.path.isfile(pretrained):
         if pretrained in spec.weights_files:
@@ -226,7 +306,7 @@ def create_backbone(
             pretrained_path = str(path)
         else:
             pretrained_path = pretrained
-        model = _instantiate(spec, open_clip)
+        model = _instantiate(spec, open_clip, quick_gelu)
         try:
             load_weights_file(model, pretrained_path)
         except Exception as exc:  # open_clip raises RuntimeError/KeyError/pickle errors for bad files
@@ -249,9 +329,8 @@ def create_backbone(
                 f"(or a local weights file path, or none)"
             )
         try:
-            model = open_clip.create_model(
-                spec.open_clip_name, pretrained=pretrained, force_quick_gelu=spec.quick_gelu
-            )
+            model = open_clip.create_model(spec.open_clip_name, pretrained=pretrained, force_quick_gelu=quick_gelu,
+                                           quick_gelu=quick_gelu)
         except (RuntimeError, OSError) as exc:
             raise BackboneError(
                 f"could not fetch pretrained weights {pretrained!r} for {name} (offline, or the hub is unreachable). "
@@ -263,16 +342,19 @@ def create_backbone(
     _check_supported(model, name)
     size = model.visual.image_size
     size = list(size) if isinstance(size, (tuple, list)) else [int(size), int(size)]
+    tag = _tag_config(spec, pretrained)  # an open_clip tag's preprocessing (e.g. SigLIP's mean/std) wins
     preprocess = {
         "image_size": [int(s) for s in size],
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "interpolation": spec.interpolation,
-        "resize_mode": spec.resize_mode,
+        "mean": [float(x) for x in tag.get("mean", spec.mean)],
+        "std": [float(x) for x in tag.get("std", spec.std)],
+        "interpolation": tag.get("interpolation", spec.interpolation),
+        "resize_mode": tag.get("resize_mode", spec.resize_mode),
         "fill_color": 0,
     }
     backbone = Backbone(spec=spec, model=model, pretrained=pretrained, weights_sha256=state_fingerprint(model),
-                        init_seed=init_seed, preprocess=preprocess)
+                        init_seed=init_seed, preprocess=preprocess, activation=model_activation(model))
+    if backbone.activation != activation:
+        raise BackboneError(f"backbone {name} was asked for {activation} but open_clip built {backbone.activation}")
     log.info("Backbone: %s", backbone.describe_weights())
     return backbone
 
@@ -321,11 +403,11 @@ def save_compact_weights(model: torch.nn.Module, path: str | Path, *, dtype: tor
     return path
 
 
-def _instantiate(spec: BackboneSpec, open_clip) -> torch.nn.Module:
+def _instantiate(spec: BackboneSpec, open_clip, quick_gelu: bool) -> torch.nn.Module:
     if spec.model_cfg is not None:
         cfg = dict(spec.model_cfg)
-        return open_clip.model.CLIP(**cfg, quick_gelu=spec.quick_gelu)
-    return open_clip.create_model(spec.open_clip_name, pretrained=None, force_quick_gelu=spec.quick_gelu)
+        return open_clip.model.CLIP(**cfg, quick_gelu=quick_gelu)
+    return open_clip.create_model(spec.open_clip_name, pretrained=None, quick_gelu=quick_gelu)
 
 
 def _check_supported(model: torch.nn.Module, name: str) -> None:
@@ -351,6 +433,7 @@ def save_backbone_weights(backbone: Backbone, path: str | Path) -> Path:
 
 
 __all__ = [
-    "Backbone", "BackboneSpec", "BACKBONES", "PromptclipError", "create_backbone", "get_backbone_spec",
-    "list_backbones", "save_backbone_weights", "state_fingerprint",
+    "ACTIVATIONS", "GELU", "QUICK_GELU", "Backbone", "BackboneSpec", "BACKBONES", "PromptclipError",
+    "create_backbone", "get_backbone_spec", "list_backbones", "model_activation", "save_backbone_weights",
+    "state_fingerprint", "weights_activation",
 ]

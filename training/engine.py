@@ -51,6 +51,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_steps: int = 0          #: steps at constant ``warmup_lr`` before the cosine schedule (CoOp: 1 epoch)
     warmup_lr: float = 1e-5
+    warmup_epochs: int = 0         #: epochs at constant ``warmup_lr`` (added to ``warmup_steps``; the papers: 1)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  #: RandomResizedCrop area range of ``crop_flip`` (GuiDG: 0.7-1)
     scheduler: str = "cosine"      #: cosine | constant
     precision: str = "auto"        #: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     device: str = "auto"           #: auto | cpu | cuda | cuda:N
@@ -72,6 +74,12 @@ class TrainConfig:
             raise ValueError(f"augment must be crop_flip, flip or none, got {self.augment!r}")
         if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
             raise ValueError("batch_size and epochs must be >= 1 and lr > 0")
+        scale = tuple(self.crop_scale) if isinstance(self.crop_scale, (list, tuple)) else ()
+        if len(scale) != 2 or not all(isinstance(x, (int, float)) for x in scale) or not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop_scale must be two numbers 0 < min <= max <= 1, got {self.crop_scale!r}")
+        object.__setattr__(self, "crop_scale", (float(scale[0]), float(scale[1])))  # JSON gives a list
+        if self.warmup_epochs < 0 or self.warmup_steps < 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError("warmup_epochs, warmup_steps, momentum and weight_decay must be >= 0")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> TrainConfig:
@@ -258,6 +266,9 @@ def train(
     steps_per_epoch = len(loader_factory(0))
     if steps_per_epoch == 0:
         raise ConfigError(f"no training batches: fewer training images than batch_size={cfg.batch_size} with drop_last")
+    if cfg.warmup_epochs:  # warmup in epochs becomes steps once the epoch length is known
+        cfg = dataclasses.replace(cfg, warmup_steps=cfg.warmup_steps + cfg.warmup_epochs * steps_per_epoch,
+                                  warmup_epochs=0)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -350,10 +361,12 @@ def encode_classes(method: PromptMethod, class_token_ids: torch.Tensor, *, promp
 
 @torch.no_grad()
 def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Tensor, *, device: str = "auto",
-             progress: bool = False, desc: str = "eval") -> dict[str, float]:
-    """Top-1 accuracy of ``method`` over ``loader`` against the classes in ``class_token_ids``.
+             progress: bool = False, desc: str = "eval", keep_logits: bool = False) -> dict[str, Any]:
+    """Top-1 accuracy of ``method`` over ``loader`` against the classes in ``class_token_ids`` (``keep_logits``:
+    also every image's logits, ``"logits"`` [N, C], in loader order).
 
-    Under torchrun each process scores its share of every batch and the counts are summed."""
+    Under torchrun each process scores its share of every batch and the counts are summed; kept logits are this
+    process's share only."""
     from tqdm.auto import tqdm
 
     dev = distributed.device_for(resolve_device(device))
@@ -363,7 +376,7 @@ def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Te
     num_sets = method.capabilities.num_prompt_sets
     texts = None if image_conditioned else [encode_classes(method, class_token_ids, prompt_set=s)
                                             for s in range(num_sets)]  # S x [C, D], once
-    correct, total = 0, 0
+    correct, total, kept = 0, 0, []
     for images, labels in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
         images = images.to(dev)
         feats = method.encode_image(images).float()  # [B, D]
@@ -375,6 +388,8 @@ def evaluate(method: PromptMethod, loader: DataLoader, class_token_ids: torch.Te
         pred = logits.argmax(-1).cpu()
         correct += int((pred == labels).sum())
         total += int(labels.numel())
+        kept.extend([logits.float().cpu()] if keep_logits else [])
     if distributed.state().enabled:
         correct, total = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, total], device=dev)))
-    return {"accuracy": correct / total if total else float("nan"), "num_images": total}
+    out: dict[str, Any] = {"accuracy": correct / total if total else float("nan"), "num_images": total}
+    return {**out, "logits": torch.cat(kept)} if keep_logits and kept else out

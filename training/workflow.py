@@ -21,6 +21,7 @@ from training.artifact import PromptArtifact, load_prompt_artifact, save_prompt_
 from training.backbone import Backbone, create_backbone
 from training.data import (
     DatasetSplits,
+    EvalTransform,
     ImageListDataset,
     Sample,
     few_shot_cached,
@@ -38,18 +39,14 @@ from training.methods import MethodConfig, PromptMethod, TrainContext, TrainStag
 log = logging.getLogger(__name__)
 
 
-def eval_transform(backbone: Backbone):
-    """open_clip's eval transform for the backbone's preprocessing (the one serving mirrors in numpy)."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    p = backbone.preprocess
-    cfg = PreprocessCfg(size=tuple(p["image_size"]), mean=tuple(p["mean"]), std=tuple(p["std"]),
-                        interpolation=p["interpolation"], resize_mode=p["resize_mode"], fill_color=p["fill_color"])
-    return image_transform_v2(cfg, is_train=False)
+def eval_transform(backbone: Backbone) -> EvalTransform:
+    """Serving's preprocessing (open_clip's eval transform) for the backbone: the one definition."""
+    return EvalTransform(backbone.preprocess)
 
 
-def train_transform(backbone: Backbone, augment: str):
-    """CoOp-family augmentation: random resized crop (bicubic) + horizontal flip + CLIP normalisation."""
+def train_transform(backbone: Backbone, augment: str, crop_scale: tuple[float, float] = (0.08, 1.0)):
+    """CoOp-family augmentation: random resized crop (bicubic, area ``crop_scale``) + horizontal flip + CLIP
+    normalisation."""
     if augment == "none":
         return eval_transform(backbone)
     from torchvision import transforms as T
@@ -58,7 +55,7 @@ def train_transform(backbone: Backbone, augment: str):
     if augment == "flip":
         return T.Compose([T.RandomHorizontalFlip(), eval_transform(backbone)])
     return T.Compose([
-        T.RandomResizedCrop(tuple(p["image_size"]), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(tuple(p["image_size"]), scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.Lambda(lambda im: im.convert("RGB")),
         T.ToTensor(),
@@ -229,7 +226,7 @@ def _run_stage(method: PromptMethod, stage: TrainStage, ctx: TrainContext, sampl
     if len(samples) < stage_cfg.batch_size:
         log.warning("only %d training images for batch_size=%d: batches will be smaller", len(samples),
                     stage_cfg.batch_size)
-    tf = train_transform(backbone, stage_cfg.augment)
+    tf = train_transform(backbone, stage_cfg.augment, stage_cfg.crop_scale)
     # every process builds the single-process batches (same seed) and keeps its share of each (distributed.py)
     if stage.balanced_domains:
         def loader_factory(epoch: int):
@@ -295,10 +292,13 @@ def _evaluate_halves(method: PromptMethod, backbone: Backbone, splits: DatasetSp
 def evaluate_artifact(artifact: str | Path | PromptArtifact, data_root: str | Path | DatasetSplits, *,
                       subsample: str = "all",
                       split: str = "test", batch_size: int = 64, device: str = "auto",
-                      pretrained: str | None = None) -> dict[str, Any]:
-    """Accuracy of a trained artifact on ``data_root``'s ``split`` restricted to the ``subsample`` classes."""
+                      pretrained: str | None = None, per_image: bool = False) -> dict[str, Any]:
+    """Accuracy of a trained artifact on ``data_root``'s ``split`` restricted to the ``subsample`` classes.
+
+    ``per_image``: also ``"predictions"``, one ``{"path", "label", "top1", "scores"}`` per image (``scores``: the
+    softmax over the classes by class name, as ``promptclip classify`` reports them)."""
     art = artifact if isinstance(artifact, PromptArtifact) else load_prompt_artifact(artifact, pretrained=pretrained)
-    data = data_root if isinstance(data_root, DatasetSplits) else read_image_folder(data_root)
+    data = data_root if isinstance(data_root, DatasetSplits) else read_image_folder(data_root, allow_test_only=True)
     splits = subsample_classes(data, subsample)
     samples = getattr(splits, split)
     if not samples:
@@ -307,5 +307,11 @@ def evaluate_artifact(artifact: str | Path | PromptArtifact, data_root: str | Pa
     ids = tokenize_prompts(art.method, art.backbone, splits.classnames, data.template or art.dataset_template)
     loader = _loader(samples, eval_transform(art.backbone), batch_size, shuffle=False, seed=0, num_workers=0,
                      cache=False)
-    res = evaluate(art.method, loader, ids, device=device)
+    res = evaluate(art.method, loader, ids, device=device, keep_logits=per_image)
+    if per_image:
+        probs = torch.softmax(res.pop("logits").double(), dim=-1)
+        res["predictions"] = [{"path": s.path, "label": splits.classnames[s.label],
+                               "top1": splits.classnames[int(p.argmax())],
+                               "scores": {c: float(x) for c, x in zip(splits.classnames, p)}}
+                              for s, p in zip(samples, probs)]
     return {"subsample": subsample, "split": split, "num_classes": len(splits.classnames), **res}

@@ -54,6 +54,15 @@ def int_list(text: str) -> tuple[int, ...]:
         raise PromptclipError(f"expected comma-separated integers, got {text!r} (e.g. --seeds 1,2,3)") from None
 
 
+def float_pair(text: str, option: str) -> tuple[float, float]:
+    """``"0.7,1"`` -> ``(0.7, 1.0)``."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise PromptclipError(f"{option} expects two comma-separated numbers, got {text!r} (e.g. 0.7,1)") from None
+    return low, high
+
+
 def name_list(text: str) -> tuple[str, ...]:
     """``a, b,,c`` -> ``("a", "b", "c")``."""
     return tuple(s.strip() for s in text.split(",") if s.strip())

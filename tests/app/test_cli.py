@@ -151,3 +151,15 @@ def test_serve_and_classify_are_torch_free(bundles, shapes_root):
                       f"assert main(['classify', '--bundle', {bundle!r}, {str(image)!r}, '--top-k', '2']) == 0\n"
                       f"assert main(['serve', '--bundle', {bundle + '-missing'!r}]) == 2\n"
                       f"import promptclip.cli.commands.serve, promptclip.server")
+
+
+def test_eval_accepts_a_test_only_folder(capsys, trained, shapes_root, tmp_path):
+    import shutil
+
+    shutil.copytree(shapes_root / "test", tmp_path / "only" / "test")
+    results = []
+    for data in (tmp_path / "only", shapes_root):
+        assert main(["eval", "--artifact", str(trained["coop"].artifact), "--data", str(data), "--device", "cpu"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["num_images"] == results[1]["num_images"] > 0
+    assert results[0]["accuracy"] == results[1]["accuracy"]

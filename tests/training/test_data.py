@@ -360,3 +360,15 @@ def test_make_loader_defaults():
     loader = make_loader(_Range(), batch_size=2, shuffle=False)
     assert loader.pin_memory == torch.cuda.is_available()
 
+
+
+def test_test_only_folder_reads_for_evaluation(tmp_path):
+    """A folder with only test/ is refused for training but read for evaluation (classes from test/)."""
+    root = tmp_path / "ds"
+    _img(root / "test" / "b_cat" / "0.png")
+    _img(root / "test" / "a_dog" / "0.png")
+    _img(root / "test" / "a_dog" / "1.png")
+    _assert_error(root / "train", read_image_folder, root)
+    splits = read_image_folder(root, allow_test_only=True)
+    assert splits.classnames == ["a dog", "b cat"] and splits.train == [] and len(splits.test) == 3
+    assert [s.label for s in splits.test] == [0, 0, 1]

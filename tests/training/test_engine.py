@@ -177,3 +177,19 @@ def test_evaluate_scores_image_conditioned_text_per_image():
         g = m.encode_text_for_images(ids, x)  # [B, C, D]
         pred = torch.einsum("bd,bcd->bc", f, g).argmax(-1)
     assert res["accuracy"] == pytest.approx(float((pred == y).float().mean()))
+
+
+def test_warmup_epochs_become_steps_and_guidg_experts_get_plain_sgd(monkeypatch):
+    import training.engine as engine
+    from training.methods import get_method_class
+
+    seen, real = [], engine.lr_at
+    monkeypatch.setattr(engine, "lr_at", lambda step, total, cfg: seen.append(real(step, total, cfg)) or seen[-1])
+    m = create_method("coop", create_backbone(TINY), {"n_ctx": 4})
+    train(m, _toy_loader_factory(n=16, batch=8), _ids(m),
+          TrainConfig(epochs=3, warmup_epochs=1, lr=0.01, device="cpu"), progress=False)
+    assert seen[:2] == [1e-5, 1e-5] and seen[2] == pytest.approx(0.01)  # 2 steps per epoch: epoch 1 warms up
+    cfg = get_method_class("guidg").config_cls.from_dict({"domains": ["a", "b"], "num_classes": 2,
+                                                          "expert_momentum": 0.0, "expert_lr": 1e-4})
+    stages = get_method_class("guidg").training_stages(type("M", (), {"config": cfg})())
+    assert stages[0].overrides["momentum"] == 0.0 and "momentum" not in stages[-1].overrides

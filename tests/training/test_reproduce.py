@@ -7,6 +7,7 @@ import pytest
 
 from promptclip.cli import main
 from promptclip_testing import make_fake_oxford_pets
+from training.errors import DatasetError
 from training.protocols.reproduce import ReproduceConfig, run_reproduce
 
 TRAIN = {"max_steps": 2, "batch_size": 8, "device": "cpu", "precision": "fp32", "lr": 0.01}
@@ -95,3 +96,26 @@ def test_multi_source_dg_on_fake_pacs(tmp_path):
     text = (out / "results.md").read_text()
     assert "## PACS" in text and "CLIPood + GuiDG avg 97.3" in text and "not measured here" in text
     assert (out / "multi-source-dg-PACS.png").is_file() and "PACS" in summary["tables"]
+
+
+def test_every_dataset_is_checked_before_the_first_run(tmp_path, monkeypatch, capsys):
+    """`reproduce --datasets OxfordPets,DTD,Food101` with DTD and Food101 missing: both are listed, nothing trains."""
+    import training.workflow as wf
+
+    root = make_fake_oxford_pets(tmp_path / "data")
+    (root / "food-101" / "images").mkdir(parents=True)
+    (root / "food-101" / "split_zhou_Food101.json").write_text("{not json")
+    trained = []
+    monkeypatch.setattr(wf, "train_run", lambda **kw: trained.append(kw))
+    assert main(["reproduce", "base2novel", "--method", "coop", "--root", str(root), "--datasets",
+                 "OxfordPets,DTD,Food101", "--out", str(tmp_path / "o"), "--backbone", "tiny-test"]) == 2
+    err = capsys.readouterr().err
+    assert trained == [] and "Traceback" not in err
+    assert "2 of 3 requested dataset(s)" in err and "[DTD]" in err and "[Food101]" in err and "OxfordPets]" not in err
+    assert "split_zhou_DescribableTextures.json" in err and "not valid JSON" in err
+    # the same check guards the transfer protocols (source and targets) and multi-source DG
+    with pytest.raises(DatasetError, match=r"(?s)\[ImageNet\].*\[ImageNetV2\]"):
+        run_reproduce(_cfg("domain-generalization", root, datasets=("ImageNetV2",), seeds=(1,)), tmp_path / "dg")
+    with pytest.raises(DatasetError, match=r"(?s)1 of 1 .*\[PACS\]"):
+        run_reproduce(_cfg("multi-source-dg", root, method="guidg", datasets=("PACS",), seeds=(1,)), tmp_path / "ms")
+    assert trained == []

@@ -27,6 +27,7 @@ from training.data.catalog import (
 )
 from training.data.dataset import (
     DomainBalancedBatches,
+    EvalTransform,
     ImageListDataset,
     load_rgb,
     make_domain_balanced_loader,
@@ -63,6 +64,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "list_images",
     "read_image_folder",
+    "EvalTransform",
     "ImageListDataset",
     "load_rgb",
     "make_loader",

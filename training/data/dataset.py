@@ -1,4 +1,9 @@
-"""Torch datasets over :class:`Sample` lists and a seeded DataLoader factory."""
+"""Torch datasets over :class:`Sample` lists and a seeded DataLoader factory.
+
+Images are decoded by serving's decoder (:func:`serving.preprocess.decode_image`: EXIF orientation, transparency
+composited onto white, palette, 16-bit, CMYK, greyscale, the first frame of an animation) and evaluated through
+serving's preprocessing (:class:`EvalTransform`), so training, ``promptclip eval`` and the served bundle see the
+same pixels."""
 from __future__ import annotations
 
 import logging
@@ -9,27 +14,48 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from serving.errors import ImageDecodeError
+from serving.preprocess import PreprocessConfig, decode_image, preprocess
 from training.data.samples import Sample
 from training.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageListDataset", "load_rgb", "make_loader"]
+__all__ = ["EvalTransform", "ImageListDataset", "load_rgb", "make_loader"]
+
+#: Dataset files are not uploads: no byte limit beyond memory; PIL's decompression-bomb limit still applies.
+_MAX_FILE_BYTES = 1 << 34
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` into an RGB PIL image (EXIF orientation applied). Raises :class:`DatasetError`."""
+    """Decode ``path`` into an upright 8-bit RGB PIL image exactly as serving decodes an upload
+    (:func:`serving.preprocess.decode_image`). Raises :class:`DatasetError` naming the file."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError as exc:
         raise DatasetError(f"image file {path} does not exist") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except OSError as exc:
+        raise DatasetError(f"cannot read image file {path}: {exc}") from exc
+    try:
+        return decode_image(data, max_bytes=_MAX_FILE_BYTES, max_pixels=Image.MAX_IMAGE_PIXELS or 2 ** 62)
+    except ImageDecodeError as exc:
         raise DatasetError(f"cannot decode image file {path}: {exc}") from exc
+
+
+class EvalTransform:
+    """RGB PIL image -> float32 tensor ``[3, H, W]`` through serving's preprocessing
+    (:func:`serving.preprocess.preprocess`, open_clip's eval transform): the one definition evaluation, training
+    without augmentation and the served bundle share. ``preprocess`` is a backbone's / manifest's preprocessing
+    dict. A class (not a closure) so data-loader workers can pickle it."""
+
+    def __init__(self, preprocess_cfg: dict[str, Any]) -> None:
+        self.cfg = PreprocessConfig.from_manifest(preprocess_cfg)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocess([image], self.cfg)[0])
 
 
 def _to_tensor(im: Image.Image) -> torch.Tensor:

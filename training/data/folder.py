@@ -34,6 +34,7 @@ def _layout(root: str) -> str:
         "expected one of these layouts:\n"
         f"  {root}/train/<class>/<image>  (optional {root}/val/<class>/..., {root}/test/<class>/...)\n"
         f"  {root}/<class>/<image>        (split per class into train/val/test)\n"
+        f"  {root}/test/<class>/<image>   (test only: evaluation)\n"
         f"  with <image> one of {', '.join(IMAGE_EXTENSIONS)}"
     )
 
@@ -132,6 +133,7 @@ def read_image_folder(
     val_fraction: float = 0.0,
     test_fraction: float = 0.2,
     seed: int = 0,
+    allow_test_only: bool = False,
 ) -> DatasetSplits:
     """Read an image-folder dataset.
 
@@ -141,7 +143,8 @@ def read_image_folder(
     ``seed``, into train/val/test by ``val_fraction`` and ``test_fraction`` (each class with at
     least two images gives at least one test image when ``test_fraction > 0``).
     Labels follow sorted folder names; class names come from :func:`class_name_from_folder`.
-    Hidden entries and non-image files are ignored.
+    Hidden entries and non-image files are ignored. ``allow_test_only`` (evaluation): a folder with ``root/test/``
+    and no ``root/train/`` is read with the classes of ``root/test/`` and an empty train split.
     """
     root_s = os.path.abspath(os.fspath(root))
     if not os.path.exists(root_s):
@@ -157,7 +160,8 @@ def read_image_folder(
 
     name = os.path.basename(root_s.rstrip(os.sep)) or root_s
     train_dir = os.path.join(root_s, "train")
-    if os.path.isdir(train_dir):
+    test_only = not os.path.isdir(train_dir) and os.path.isdir(os.path.join(root_s, "test"))
+    if os.path.isdir(train_dir) or (test_only and allow_test_only):
         splits = _read_split_layout(root_s)
         logger.info(
             "read %s (train/val/test folders): %d classes, %d/%d/%d train/val/test images",
@@ -167,7 +171,8 @@ def read_image_folder(
         stray = [os.path.join(root_s, d) for d in ("val", "test") if os.path.isdir(os.path.join(root_s, d))]
         if stray:
             raise DatasetError(
-                f"found {', '.join(stray)} but no {train_dir}: split folders need a train folder\n{_layout(root_s)}"
+                f"found {', '.join(stray)} but no {train_dir}: training needs a train folder (a test-only folder "
+                f"can only be evaluated: promptclip eval)\n{_layout(root_s)}"
             )
         splits = _read_flat_layout(root_s, val_fraction, test_fraction, seed)
         logger.info(
@@ -179,18 +184,21 @@ def read_image_folder(
 
 
 def _read_split_layout(root: str) -> DatasetSplits:
+    """``train/`` (its class folders define the classes) with optional ``val/`` and ``test/``; or, for evaluation,
+    a test-only folder: ``test/`` defines the classes and the train split is empty."""
     train_dir = os.path.join(root, "train")
-    train = _class_folders(train_dir, root)
-    folders = list(train)  # sorted
-    classnames = _classnames(folders, train_dir, root)
+    defining = "train" if os.path.isdir(train_dir) else "test"
+    class_dir = os.path.join(root, defining)
+    first = _class_folders(class_dir, root)
+    folders = list(first)  # sorted
+    classnames = _classnames(folders, class_dir, root)
     label_of = {f: i for i, f in enumerate(folders)}
 
-    lists: dict[str, list[Sample]] = {
-        "train": [Sample(p, label_of[f]) for f in folders for p in train[f]],
-        "val": [],
-        "test": [],
-    }
-    for split in ("val", "test"):
+    lists: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+    lists[defining] = [Sample(p, label_of[f]) for f in folders for p in first[f]]
+    if defining == "test":
+        logger.info("%s has no train folder: test-only data (evaluation), classes from %s", root, class_dir)
+    for split in [s for s in ("val", "test") if s != defining]:
         split_dir = os.path.join(root, split)
         if not os.path.exists(split_dir):
             logger.debug("no %s folder in %s", split, root)
@@ -201,7 +209,7 @@ def _read_split_layout(root: str) -> DatasetSplits:
         unknown = [os.path.join(split_dir, f) for f in per_class if f not in label_of]
         if unknown:
             raise DatasetError(
-                f"{split} class folder(s) not in {train_dir}: {', '.join(unknown)}\n"
+                f"{split} class folder(s) not in {class_dir}: {', '.join(unknown)}\n"
                 f"known classes: {', '.join(folders)}\n{_layout(root)}"
             )
         lists[split] = [Sample(p, label_of[f]) for f in sorted(per_class) for p in per_class[f]]

@@ -97,6 +97,7 @@ class GuiDGConfig(MethodConfig):
     expert_optimizer: str | None = None
     expert_lr: float | None = None
     expert_weight_decay: float | None = None
+    expert_momentum: float | None = None  #: SGD momentum of stage 1 (official: plain SGD, 0)
     expert_epochs: int | None = None
     #: stage-2 settings (official: adamw, lr 5e-6, weight decay 0.1; epochs None: the run's)
     finetune_optimizer: str = "adamw"
@@ -270,7 +271,8 @@ class GuiDG(PromptMethod):
         if not cfg.use_experts:
             return [TrainStage("finetune", balanced_domains=True, overrides=finetune)]
         expert = {k: v for k, v in (("optimizer", cfg.expert_optimizer), ("lr", cfg.expert_lr),
-                                    ("weight_decay", cfg.expert_weight_decay), ("epochs", cfg.expert_epochs))
+                                    ("weight_decay", cfg.expert_weight_decay), ("epochs", cfg.expert_epochs),
+                                    ("momentum", cfg.expert_momentum))
                   if v is not None}
         stages = [TrainStage(f"expert-{i}", domains=(d,), part="first", part_fraction=cfg.holdout_fraction,
                              overrides=expert) for i, d in enumerate(cfg.domains)]

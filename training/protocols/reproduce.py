@@ -38,6 +38,7 @@ from training.protocols.providers import (
     CombinedProvider,
     DatasetProvider,
 )
+from training.protocols.recipes import format_recipe, resolve_recipe
 from training.protocols.runner import ProtocolRunner, RunNaming
 from training.toyworld.provider import ToyWorldProvider
 
@@ -81,10 +82,24 @@ class ReproduceConfig:
     pretrained: str | None = None
     method_config: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    #: ``"paper"``: the method's official recipe for the protocol (:mod:`training.protocols.recipes`) under
+    #: ``train`` / ``method_config``; ``None``: only ``train`` / ``method_config`` over the TrainConfig defaults
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        if self.recipe not in (None, "paper"):
+            raise ConfigError(f"unknown recipe {self.recipe!r}; choose paper or none")
+
+    def resolved_recipe(self) -> dict[str, Any]:
+        """The settings the runs train with (see :func:`~training.protocols.recipes.resolve_recipe`)."""
+        if self.recipe == "paper":
+            return resolve_recipe(self.method, self.protocol, self.backbone, train=self.train,
+                                  method_config=self.method_config)
+        return {"method": self.method, "protocol": self.protocol, "train": dict(self.train), "train_by_shots": {},
+                "method_config": dict(self.method_config), "source": "none (--recipe none: the settings given)",
+                "note": "", "overridden": []}
 
 
 #: Run ids and row fields of ``promptclip reproduce`` (one method per output folder, so no method in the ids).
@@ -108,9 +123,12 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, *, progress: bool = Tru
     """Run (or resume) one protocol into ``out``; writes results.md, CSV, summary.json and PNG plots."""
     t0 = time.perf_counter()
     provider = dataset_provider(cfg.root)
+    recipe = cfg.resolved_recipe()
+    log.info("%s", format_recipe(recipe))
     runner = ProtocolRunner(provider, Path(out), NAMING, methods=(cfg.method,), seeds=cfg.seeds, shots=cfg.shots[0],
-                            backbone=cfg.backbone, pretrained=cfg.pretrained, method_config=cfg.method_config,
-                            train=cfg.train, few_shot_cache=True, progress=progress)
+                            backbone=cfg.backbone, pretrained=cfg.pretrained, method_config=recipe["method_config"],
+                            train=recipe["train"], train_by_shots=recipe["train_by_shots"], few_shot_cache=True,
+                            progress=progress)
     datasets = cfg.datasets or provider.default_datasets(cfg.protocol)
     if cfg.protocol == "base2novel":
         runner.base2novel(datasets)
@@ -123,6 +141,7 @@ def run_reproduce(cfg: ReproduceConfig, out: str | Path, *, progress: bool = Tru
     if not distributed.is_main_process():  # under torchrun rank 0 alone writes the tables
         return {}
     summary = write_tables(cfg, runner.out, runner.rows())
+    summary["recipe"] = recipe
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     report.write_json(runner.out / "summary.json", summary)
     return summary

@@ -29,7 +29,7 @@ from training import distributed
 from training.artifact import load_prompt_artifact
 from training.data import DatasetSplits
 from training.engine import TrainConfig
-from training.errors import ConfigError
+from training.errors import ConfigError, DatasetError
 from training.methods import method_config_for_backbone
 from training.protocols.providers import DatasetProvider
 from training.protocols.runlog import RunLog
@@ -105,6 +105,8 @@ class ProtocolRunner:
     pretrained: str | None = None
     method_config: Mapping[str, Any] = field(default_factory=dict)
     train: Mapping[str, Any] = field(default_factory=dict)
+    #: TrainConfig values per number of shots, over ``train`` (a recipe's, e.g. CoOp's epochs per shot count)
+    train_by_shots: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     few_shot_cache: bool = False
     progress: bool = True
 
@@ -119,10 +121,37 @@ class ProtocolRunner:
         """Every finished run's row, in the order they were first recorded."""
         return list(self.runs.rows.values())
 
+    # ------------------------------------------------------------------------------------------- checks
+    def check_datasets(self, datasets: Sequence[str], *, multi_source: bool = False) -> None:
+        """Read every dataset in ``datasets`` (files, split files, class names) before anything trains; raise one
+        :class:`~training.errors.DatasetError` that lists every problem found, so a missing dataset is reported
+        before hours of training on the others rather than after them.
+
+        ``multi_source``: the names are multi-source datasets; each is read as its first leave-one-out task."""
+        problems: list[str] = []
+        names = list(dict.fromkeys(datasets))
+        for name in names:
+            try:
+                if multi_source:
+                    domains = self.provider.domains(name)
+                    self.provider.multi_source_task(name, domains[0], self.seeds[0] if self.seeds else 1)
+                else:
+                    self.provider.load(name)
+            except DatasetError as e:
+                problems.append(f"[{name}] {e}")
+        if problems:
+            raise DatasetError(f"{len(problems)} of {len(names)} requested dataset(s) cannot be read; nothing was "
+                               f"trained. Fix these first:\n\n" + "\n\n".join(problems))
+
+    def _pending(self, step: str, keys: Sequence[Mapping[str, Any]]) -> bool:
+        return any(self.naming.run_id(step, **k) not in self.runs for k in keys)
+
     # ------------------------------------------------------------------------------------------- protocols
     def base2novel(self, datasets: Sequence[str], *, methods: Sequence[str] | None = None,
                    step: str = "base2novel") -> None:
         """Per dataset, seed and method: train on the base classes; base / new accuracy and their HM."""
+        self.check_datasets([n for n in datasets if self._pending(step, [
+            {"dataset": n, "method": m, "seed": s} for s in self.seeds for m in methods or self.methods])])
         for name in datasets:
             data = None
             for seed in self.seeds:
@@ -145,6 +174,14 @@ class ProtocolRunner:
 
         ``evaluations`` maps a step (e.g. ``"cross-dataset"``) to ``{label: dataset name}``; the label names the
         row. With ``evaluate_source`` the source run is recorded too (its accuracy on the source test split)."""
+        keys = [{"method": m, "seed": s} for s in self.seeds for m in methods or self.methods]
+        targets = [name for step, ts in evaluations.items() for label, name in ts.items()
+                   if self._pending(step, [{**k, "dataset": label} for k in keys])]
+        untrained = [k for k in keys if not (self.out / "runs" / self.naming.run_id("source", dataset=source, **k)
+                                             / "artifact" / "prompt_config.json").exists()]
+        source_needed = (bool(targets) and bool(untrained)) or (evaluate_source and self._pending("source", [
+            {**k, "dataset": source} for k in keys]))
+        self.check_datasets(([source] if source_needed else []) + targets)
         for seed in self.seeds:
             for method in methods or self.methods:
                 pending = [(step, label, name) for step, targets in evaluations.items()
@@ -172,6 +209,7 @@ class ProtocolRunner:
                      methods: Sequence[str] | None = None, step: str = "multi-source-dg") -> None:
         """Per dataset, seed, target domain (default: every domain) and method: train on the other domains, test
         on the target."""
+        self.check_datasets(datasets, multi_source=True)
         for name in datasets:
             for seed in self.seeds:
                 for target in targets or self.provider.domains(name):
@@ -189,6 +227,9 @@ class ProtocolRunner:
     def few_shot(self, datasets: Sequence[str], shots: Sequence[int], *, methods: Sequence[str] | None = None,
                  step: str = "few-shot") -> None:
         """Per dataset, number of shots, seed and method: train and test on all classes."""
+        self.check_datasets([n for n in datasets if self._pending(step, [
+            {"dataset": n, "method": m, "seed": s, "shots": k} for k in shots for s in self.seeds
+            for m in methods or self.methods])])
         for name in datasets:
             data = None
             for k in shots:
@@ -212,7 +253,8 @@ class ProtocolRunner:
             method_name=name, data_root=data, out_dir=self.out / "runs" / run_id, backbone_name=self.backbone,
             pretrained=self.pretrained, overwrite=True, progress=self.progress,
             method_config=method_config_for_backbone(name, self.backbone, {**self.method_config, **overrides}),
-            train_config=TrainConfig.from_dict({**self.train, "seed": seed}), shots=shots, subsample=subsample,
+            train_config=TrainConfig.from_dict({**self.train, **self.train_by_shots.get(shots, {}), "seed": seed}),
+            shots=shots, subsample=subsample,
             evaluate_splits=evaluate_splits,
             few_shot_cache=self.out / "few_shot_cache" / cache if self.few_shot_cache and cache else None)
         return res.metrics, round(time.perf_counter() - t0, 1)

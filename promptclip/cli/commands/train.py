@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Any
 
-from promptclip.cli.values import parse_sets
+from promptclip.cli.values import float_pair, parse_sets
 from serving.errors import PromptclipError
 from training import distributed
 from training.backbone import BACKBONES
@@ -45,8 +45,10 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     values = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "optimizer", "seed",
                                             "device", "precision", "num_workers", "augment", "warmup_steps",
-                                            "compile")
+                                            "compile", "warmup_epochs", "warmup_lr", "momentum", "weight_decay")
               if getattr(args, k, None) is not None}
+    if getattr(args, "crop_scale", None):
+        values["crop_scale"] = float_pair(args.crop_scale, "--crop-scale")
     return TrainConfig.from_dict(values)
 
 
@@ -81,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     data = _data_arg(args, seed=args.seed)
     res = evaluate_artifact(args.artifact, data, subsample=args.subsample, split=args.split,
-                            batch_size=args.batch_size, device=args.device, pretrained=args.pretrained)
+                            batch_size=args.batch_size, device=args.device, pretrained=args.pretrained,
+                            per_image=args.per_image)
     print(json.dumps(res, indent=2))
     return 0

@@ -40,6 +40,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--lr", type=float)
     s.add_argument("--optimizer", choices=["sgd", "adamw"])
     s.add_argument("--warmup-steps", type=int)
+    s.add_argument("--warmup-epochs", type=int)
+    s.add_argument("--warmup-lr", type=float)
+    s.add_argument("--momentum", type=float, help="SGD momentum (0: plain SGD)")
+    s.add_argument("--weight-decay", type=float)
+    s.add_argument("--crop-scale", metavar="MIN,MAX", help="area range of the random resized crop, e.g. 0.7,1")
     s.add_argument("--seed", type=int)
     s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"])
@@ -62,4 +67,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--device", default="auto")
     s.add_argument("--pretrained", default=None, help="backbone weights when the recorded source is not available")
+    s.add_argument("--per-image", action="store_true",
+                   help="also print every image's top-1 class and class scores (softmax, as 'classify' gives them)")
     s.set_defaults(handler=(HANDLERS, "cmd_eval"))
