@@ -129,6 +129,11 @@ class OrtRuntime:
 
     def _session(self, ort: Any, opts: Any, kind: str, prompt_set: int) -> Any:
         path = self.bundle.graph_path(kind, prompt_set)
+        if self.bundle.graph_spec(kind, prompt_set).graph_precision == "fp16" and _CUDA not in self.requested_providers:
+            # onnxruntime's extended CPU fusions crash (segfault, 1.32) on fp16 graphs with float32 islands
+            opts = _copy_options(ort, opts, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+            logger.info("%s is an fp16 graph on the CPU provider: basic graph optimisations only (fp16 is meant for "
+                        "GPUs; export --precision fp32 or int8 for CPU serving)", path.name)
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=self.requested_providers)
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidGraph, Fail, ...)
@@ -233,6 +238,15 @@ class OrtRuntime:
 
     def __repr__(self) -> str:
         return f"OrtRuntime(bundle={str(self.bundle.root)!r}, providers={self.providers})"
+
+
+def _copy_options(ort: Any, opts: Any, level: Any) -> Any:
+    """A copy of session options ``opts`` with graph optimisation ``level``."""
+    new = ort.SessionOptions()
+    new.graph_optimization_level = level
+    new.intra_op_num_threads = opts.intra_op_num_threads
+    new.log_severity_level = opts.log_severity_level
+    return new
 
 
 def _pixels(pixel_values: np.ndarray) -> np.ndarray:
