@@ -255,12 +255,18 @@ def _to_fp16(path: Path) -> None:
 
 
 def _to_int8(path: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_name(path.stem + ".int8.onnx")
     try:
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+        # DefaultTensorType: the optimiser's fused (com.microsoft) nodes have no inferred output types
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         os.replace(tmp, path)
+    except RuntimeError as exc:
+        raise ExportError(f"{path.name}: int8 dynamic quantisation failed ({exc}); export without --optimize or at "
+                          "another --precision") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
