@@ -19,7 +19,9 @@ log = logging.getLogger("promptclip")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    load_bundle(args.bundle)  # fail here, with a clear message, rather than inside the server
+    # fail here, with a clear message, rather than inside the server; the server process verifies every file's hash
+    # at startup, so hashing here too would read the graphs twice (hash once: cold start)
+    load_bundle(args.bundle, verify_hashes=False)
     env = serve_env(args.bundle, args.state_dir, args.token)
     if getattr(args, "runtime", None):
         env["PROMPTCLIP_RUNTIME"] = args.runtime
