@@ -33,9 +33,6 @@ __all__ = ["TensorRTRuntime", "why_no_engine"]
 
 logger = logging.getLogger(__name__)
 
-_H2D, _D2H = 1, 2  # cudaMemcpyKind: host to device, device to host
-
-
 def why_no_engine(bundle: Bundle) -> str | None:
     """``None`` when TensorRT is installed and every graph of ``bundle`` has an engine for this host; else why not
     (for ``auto``'s log line). Never raises."""
@@ -80,17 +77,18 @@ class _Engine:
 
     def _run_chunk(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         cudart = self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, x in feeds.items():
             x = np.ascontiguousarray(x, dtype=self.dtypes[name])
             self.context.set_input_shape(name, tuple(x.shape))
-            cuda_check(cudart, cudart.cudaMemcpyAsync(self.buffers[name][0], x.ctypes.data, x.nbytes, _H2D,
+            cuda_check(cudart, cudart.cudaMemcpyAsync(self.buffers[name][0], x.ctypes.data, x.nbytes, h2d,
                                                       self.stream), "cudaMemcpyAsync")
         if not self.context.execute_async_v3(self.stream):
             raise RuntimeUnavailableError(f"TensorRT failed to run engine {self.spec.key}")
         results = []
         for name in outputs:
             out = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name])
-            cuda_check(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name][0], out.nbytes, _D2H,
+            cuda_check(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name][0], out.nbytes, d2h,
                                                       self.stream), "cudaMemcpyAsync")
             results.append(out)
         cuda_check(cudart, cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")

@@ -312,3 +312,12 @@ def test_real_tensorrt_engine_matches_onnxruntime(synthetic_bundle, tmp_path):
     ref = OrtRuntime(b, providers=["CPUExecutionProvider"]).run_image(pixels)
     got = rt.run_image(pixels)
     assert got.shape == ref.shape and float(np.min(np.sum(got * ref, -1))) >= 0.999
+
+
+def test_detect_host_reads_gpu_and_refuses_without_a_driver():
+    props = types.SimpleNamespace(name=b"NVIDIA L4\x00\x00", major=8, minor=9)
+    ok = types.SimpleNamespace(cudaGetDeviceProperties=lambda device: (0, props))
+    assert te.detect_host(FakeTrt("10.7.0"), ok) == HOST
+    no_driver = types.SimpleNamespace(cudaGetDeviceProperties=lambda device: (35, None))
+    with pytest.raises(RuntimeUnavailableError, match="cudaGetDeviceProperties failed.*check the driver"):
+        te.detect_host(FakeTrt("10.7.0"), no_driver)
