@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.onnx_export import DEFAULT_OPSET, MIN_COSINE, ImageGraph, TextGraph, export_checked, ort_session
+from export.onnx_export import DEFAULT_OPSET, TOLERANCES, ImageGraph, TextGraph, export_checked, ort_session
 from serving import format as fmt
 from serving.bundle import load_bundle
 from serving.manifest import (
@@ -70,6 +70,8 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     pretrained: str | None = None,
     overwrite: bool = False,
+    precision: str = "fp32",
+    optimize: bool = False,
 ) -> Path:
     """Export ``artifact`` into a deploy bundle at ``out_dir``; returns the bundle path.
 
@@ -77,6 +79,8 @@ def export_bundle(
         class_names: the classes to precompute embeddings for (default: the classes it was trained on).
         exporter: ``dynamo`` (torch.export based) or ``torchscript`` (legacy tracer).
         pretrained: backbone weights location when the recorded one is unavailable here.
+        precision: ``fp32``, ``fp16`` or ``int8`` (see :mod:`export.onnx_export`); parity bounds follow it.
+        optimize: run onnxruntime's transformer optimiser on each graph before the precision conversion.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -120,19 +124,20 @@ def export_bundle(
         image_graph = ImageGraph(method)
         image_entry = export_checked(image_graph, tmp / fmt.IMAGE_GRAPH_FILE, image_input,
                                      input_name=fmt.IMAGE_INPUT, output_name=image_graph.output_names,
-                                     exporter=exporter, opset=opset)
+                                     exporter=exporter, opset=opset, precision=precision, optimize=optimize)
         probe_ids = tokenizer([template.format(n) for n in PROBE_CLASSES])  # [P, L]: classes added at runtime
         text_entries, embeddings, probe_embeddings, class_parity = [], [], [], []
         for k in range(num_sets):
             text_file = fmt.text_graph_file(k, num_sets)
             text_graph = TextGraph(method, k)
             entry = export_checked(text_graph, tmp / text_file, text_input, input_name=fmt.TEXT_INPUT,
-                                   output_name=fmt.TEXT_OUTPUT, exporter=exporter, opset=opset)
+                                   output_name=fmt.TEXT_OUTPUT, exporter=exporter, opset=opset,
+                                   precision=precision, optimize=optimize)
             entry["file"] = text_file
             with torch.no_grad():
                 emb = torch.cat([text_graph(token_ids[i:i + 256]) for i in range(0, len(names), 256)]).float().numpy()
-            text_sess = ort_session(tmp / text_file)
-            class_parity.append(_class_embedding_parity(text_sess, token_ids.numpy(), emb))
+            text_sess = ort_session(tmp / text_file, precision)
+            class_parity.append(_class_embedding_parity(text_sess, token_ids.numpy(), emb, precision))
             probe_embeddings.append(text_sess.run(None, {fmt.TEXT_INPUT: probe_ids})[0])  # [P, D], as serving would
             text_entries.append(entry)
             embeddings.append(np.ascontiguousarray(emb, dtype=np.float32))  # [C, D]
@@ -142,7 +147,7 @@ def export_bundle(
                   str(tmp / fmt.CLASS_EMBEDDINGS_FILE))
         shutil.copyfile(vocab, tmp / fmt.VOCAB_FILE)
         logits_parity = _logits_parity(method, tmp, image_input, token_ids, embeddings, torch.from_numpy(probe_ids),
-                                       probe_embeddings)
+                                       probe_embeddings, precision)
 
         image_entry["file"] = fmt.IMAGE_GRAPH_FILE
         for entry in [image_entry, *text_entries]:
@@ -192,12 +197,15 @@ PROBE_CLASSES = ("a completely new class", "zebra crossing sign")
 
 
 def _logits_parity(method: Any, bundle_dir: Path, image_input, token_ids: torch.Tensor, embeddings: list[np.ndarray],
-                   probe_ids: torch.Tensor, probe_embeddings: list[np.ndarray]) -> dict[str, Any]:
+                   probe_ids: torch.Tensor, probe_embeddings: list[np.ndarray], precision: str = "fp32"
+                   ) -> dict[str, Any]:
     """End-to-end check: logits computed the way serving does (ONNX image graph + precomputed class embeddings +
     the ONNX text graphs' embeddings of classes added at runtime, combined per ``serving.format``) against the torch
-    method's logits for the same images and classes. Fails past cosine 0.9999 per image row."""
+    method's logits for the same images and classes. Fails past the precision's cosine (0.9999 at fp32) per image
+    row."""
+    min_cosine = TOLERANCES[precision].min_cosine
     images = image_input(3)  # [3, 3, H, W]
-    outs = ort_session(bundle_dir / fmt.IMAGE_GRAPH_FILE).run(None, {fmt.IMAGE_INPUT: images.numpy()})
+    outs = ort_session(bundle_dir / fmt.IMAGE_GRAPH_FILE, precision).run(None, {fmt.IMAGE_INPUT: images.numpy()})
     f = outs[0]  # [B, D]
     weights = outs[1] if len(outs) > 1 else np.ones((f.shape[0], 1), np.float32)  # [B, S]
     per_set = [f @ np.concatenate([emb, extra]).T for emb, extra in zip(embeddings, probe_embeddings)]  # S x [B, C+P]
@@ -209,8 +217,8 @@ def _logits_parity(method: Any, bundle_dir: Path, image_input, token_ids: torch.
         ref = method.combined_logits(feats, texts, method.expert_weights(feats, per_sample=True)).float().numpy()
     cos = float(np.min(np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)))
     max_abs = float(np.abs(got - ref).max())
-    if cos < MIN_COSINE:
-        raise ExportError(f"logits from the exported graphs differ from torch (min cosine {cos:.6f} < {MIN_COSINE}, "
+    if cos < min_cosine:
+        raise ExportError(f"logits from the exported graphs differ from torch (min cosine {cos:.6f} < {min_cosine}, "
                           f"max abs {max_abs:.2e}); try the other --exporter")
     return {"max_abs": max_abs, "min_cosine": cos, "num_images": int(f.shape[0]),
             "num_classes": int(token_ids.shape[0]), "runtime_classes": len(PROBE_CLASSES)}
@@ -220,17 +228,22 @@ def _graph_spec(entry: dict[str, Any]) -> GraphSpec:
     """The manifest model of a graph from what :func:`export_checked` returned (plus file and sha256)."""
     return GraphSpec(file=entry["file"], sha256=entry["sha256"], opset=entry["opset"], exporter=entry["exporter"],
                      inputs=[TensorSpec(**t) for t in entry["inputs"]],
-                     outputs=[TensorSpec(**t) for t in entry["outputs"]])
+                     outputs=[TensorSpec(**t) for t in entry["outputs"]],
+                     precision=None if entry.get("precision", "fp32") == "fp32" else entry["precision"],
+                     optimization=entry.get("optimization"))
 
 
-def _class_embedding_parity(sess, token_ids: np.ndarray, torch_emb: np.ndarray) -> dict[str, float]:
-    """The precomputed embeddings must equal what the exported text graph (ORT session ``sess``) computes for the
-    same names."""
+def _class_embedding_parity(sess, token_ids: np.ndarray, torch_emb: np.ndarray, precision: str = "fp32"
+                            ) -> dict[str, float]:
+    """The precomputed embeddings (torch, fp32) must equal what the exported text graph (ORT session ``sess``)
+    computes for the same names, within the precision's cosine."""
+    min_cosine = TOLERANCES[precision].min_cosine
     got = np.concatenate([sess.run(None, {fmt.TEXT_INPUT: token_ids[i:i + 256]})[0]
                           for i in range(0, len(token_ids), 256)])
     cos = float(np.min(np.sum(got * torch_emb, -1)
                        / (np.linalg.norm(got, axis=-1) * np.linalg.norm(torch_emb, axis=-1))))
     max_abs = float(np.abs(got - torch_emb).max())
-    if cos < MIN_COSINE:
-        raise ExportError(f"class embeddings from the ONNX text graph differ from torch (min cosine {cos:.6f})")
+    if cos < min_cosine:
+        raise ExportError(f"class embeddings from the ONNX text graph differ from torch (min cosine {cos:.6f} < "
+                          f"{min_cosine})")
     return {"max_abs": max_abs, "min_cosine": cos, "num_classes": int(len(token_ids))}

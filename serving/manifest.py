@@ -38,13 +38,16 @@ from .format import (
 from .preprocess import PreprocessConfig
 
 __all__ = [
-    "BackboneInfo", "BundleManifest", "Capabilities", "ClassesInfo", "GraphSpec", "Graphs", "MethodInfo",
+    "BackboneInfo", "BundleManifest", "Capabilities", "ClassesInfo", "EngineSpec", "GRAPH_PRECISIONS", "GraphSpec",
+    "Graphs", "MethodInfo",
     "Preprocessing", "PromptSets", "TensorSpec", "TextInfo", "bundle_versions", "read_manifest", "sha256_file",
     "write_manifest", "REEXPORT",
 ]
 
 logger = logging.getLogger(__name__)
 
+#: Precisions a graph may be stored in (inputs and outputs stay float32 in every one).
+GRAPH_PRECISIONS = ("fp32", "fp16", "int8")
 #: What to do about a bundle this reader refuses.
 REEXPORT = "re-export the bundle with `promptclip export`"
 _HASH_CHUNK = 1 << 20
@@ -90,6 +93,15 @@ class GraphSpec:
     outputs: list[TensorSpec]
     opset: int | None = None
     exporter: str | None = None
+    #: one of :data:`GRAPH_PRECISIONS`; absent in bundles written before precisions existed (= fp32)
+    precision: str | None = field(default=None, metadata={"omit_none": True})
+    #: what the transformer optimiser did (tool, model type, fused operator counts), when it ran
+    optimization: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+
+    @property
+    def graph_precision(self) -> str:
+        """The graph's precision (``fp32`` when not recorded)."""
+        return self.precision or "fp32"
 
     def input(self, name: str) -> TensorSpec | None:
         """The input called ``name``, if any."""
@@ -98,6 +110,27 @@ class GraphSpec:
     def output(self, name: str) -> TensorSpec | None:
         """The output called ``name``, if any."""
         return next((t for t in self.outputs if t.name == name), None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSpec:
+    """One TensorRT engine built from one graph of the bundle on one kind of host (``promptclip engine build``).
+
+    An engine runs only where all of ``tensorrt_version``, ``compute_capability`` (and, by our rule, ``gpu_name``)
+    and ``graph_sha256`` match; ``key`` is built from them (see :func:`engine_key`)."""
+
+    key: str
+    graph: str  # "image" or "text"
+    file: str
+    sha256: str
+    graph_sha256: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str
+    profile: dict[str, int]  # min / opt / max batch
+    prompt_set: int = 0
+    strongly_typed: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,7 +243,7 @@ class BundleManifest(FormatModel):
     prompt_sets: PromptSets | None = field(default=None, metadata={"omit_none": True})
     created_by: dict[str, Any] = field(default_factory=dict)
     backbone: BackboneInfo | None = field(default=None, metadata={"omit_none": True})
-    engines: list[dict[str, Any]] = field(default_factory=list)
+    engines: list[EngineSpec] = field(default_factory=list)
     parity: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -297,6 +330,8 @@ class BundleManifest(FormatModel):
 
 def _check_io(spec: GraphSpec, where: str, input_name: str, input_dtype: str, output_name: str,
               invalid: Invalid) -> None:
+    if spec.precision is not None and spec.precision not in GRAPH_PRECISIONS:
+        raise invalid(f"{where}.precision is {spec.precision!r}; this reader knows {', '.join(GRAPH_PRECISIONS)}")
     inp = spec.input(input_name)
     if inp is None:
         raise invalid(f"{where}.inputs has no input named {input_name!r}")

@@ -2,23 +2,33 @@
 
 A :class:`Runtime` turns preprocessed pixels into image embeddings (and, for a bundle with several
 prompt sets, per-image weights of the sets) and token ids into text embeddings. :class:`OrtRuntime`
-runs the ONNX graphs with onnxruntime; a TensorRT runtime is planned but not part of this version
-(``create_runtime(kind="tensorrt")`` says so).
+runs the ONNX graphs with onnxruntime (providers chosen explicitly, or CUDA then CPU);
+:class:`serving.tensorrt_runtime.TensorRTRuntime` runs the bundle's TensorRT engines built on this kind of host.
+:func:`create_runtime` picks one: ``auto`` takes TensorRT when an engine matches this host, else onnxruntime, and
+says which it chose (WARNING when it is not a GPU one on a host with a GPU).
+
+Environment (read when the caller passes no providers): ``PROMPTCLIP_PROVIDERS`` (``cuda``, ``cpu``, ``cuda,cpu``
+or onnxruntime provider names).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .arrays import pixel_batch, token_batch
 from .bundle import Bundle
 from .errors import BundleError, RuntimeUnavailableError
 from .format import EXPERT_WEIGHTS_OUTPUT, IMAGE_INPUT, IMAGE_OUTPUT, TEXT_INPUT, TEXT_OUTPUT
 from .manifest import GraphSpec
 
-__all__ = ["Runtime", "OrtRuntime", "create_runtime", "RUNTIME_KINDS"]
+__all__ = ["Runtime", "OrtRuntime", "create_runtime", "RUNTIME_KINDS", "PROVIDER_ALIASES", "resolve_providers",
+           "host_has_gpu", "PROVIDERS_ENV"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +37,16 @@ RUNTIME_KINDS = ("auto", "ort", "tensorrt")
 _DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
+_TRT_EP = "TensorrtExecutionProvider"
+#: GPU execution providers: requested explicitly, they must be active after session creation.
+_GPU_PROVIDERS = (_CUDA, _TRT_EP)
+#: Short names accepted by ``--providers`` and ``PROMPTCLIP_PROVIDERS``.
+PROVIDER_ALIASES = {"cuda": _CUDA, "cpu": _CPU, "tensorrt-ep": _TRT_EP}
+#: Environment variable with the providers (serve settings; read only when no providers are passed).
+PROVIDERS_ENV = "PROMPTCLIP_PROVIDERS"
+_GPU_INSTALL_HINT = ("pip uninstall onnxruntime && pip install 'promptclip[gpu]' (onnxruntime-gpu) with the CUDA and "
+                     "cuDNN versions it was built for (see onnxruntime's CUDA requirements table), a visible GPU "
+                     "(CUDA_VISIBLE_DEVICES, docker --gpus all)")
 #: Manifest dtype name -> onnxruntime NodeArg type string.
 _ORT_TYPES = {
     "float32": "tensor(float)",
@@ -77,10 +97,14 @@ class OrtRuntime:
 
     Args:
         bundle: a loaded bundle.
-        providers: onnxruntime execution providers in preference order. ``None`` means CUDA then
-            CPU, keeping those this onnxruntime build has. Explicitly requested providers that the
-            build lacks are an error (no silent fallback).
+        providers: onnxruntime execution providers in preference order (full names or the short names of
+            :data:`PROVIDER_ALIASES`). ``None`` means CUDA then CPU, keeping those this onnxruntime build has (a
+            CUDA provider that falls back to CPU is one loud WARNING). Explicitly requested providers that the
+            build lacks, or a requested GPU provider that is not active after session creation, are a
+            :class:`RuntimeUnavailableError` saying what to install (no silent fallback).
         intra_op_threads: onnxruntime intra-op threads per session (``None``: onnxruntime's default).
+        lazy_text: create the text graphs' sessions on their first use (a class that needs encoding) rather than
+            now; classifying with the bundle's exported classes never needs them (cold start).
     """
 
     name = "ort"
@@ -91,10 +115,15 @@ class OrtRuntime:
         *,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        lazy_text: bool = True,
     ) -> None:
         ort = _import_ort()
         self.bundle = bundle
+        self._ort = ort
         available = list(ort.get_available_providers())
+        self.explicit_providers = providers is not None
+        if providers is not None:
+            providers = resolve_providers(providers)
         if providers is None:
             requested = [p for p in _DEFAULT_PROVIDERS if p in available]
             if _CUDA not in available:
@@ -121,14 +150,35 @@ class OrtRuntime:
                 raise ValueError(f"intra_op_threads must be >= 0 (0 = onnxruntime default), got {intra_op_threads}")
             opts.intra_op_num_threads = int(intra_op_threads)
 
+        self._opts = opts
         self._warned_cpu_fallback = False
         self._image = self._session(ort, opts, "image", 0)
-        self._text = [self._session(ort, opts, "text", k) for k in range(bundle.num_prompt_sets)]
         self.providers: list[str] = list(self._image.get_providers())
-        self._check_io()
+        self._check_image_io()
+        self._text: list[Any] = [None] * bundle.num_prompt_sets
+        if not lazy_text:
+            for k in range(bundle.num_prompt_sets):
+                self._text_session(k)
+        #: IO binding for the image graph when it runs on CUDA (inputs copied once, outputs fetched once)
+        self.io_binding = self.providers[0] == _CUDA
+
+    def _text_session(self, prompt_set: int) -> Any:
+        """The text graph's session of ``prompt_set``, created and checked against the manifest on first use."""
+        if self._text[prompt_set] is None:
+            session = self._session(self._ort, self._opts, "text", prompt_set)
+            b = self.bundle
+            self._check_graph(session, b.graph_spec("text", prompt_set), b.graph_path("text", prompt_set).name,
+                              TEXT_INPUT, [None, b.context_length], TEXT_OUTPUT)
+            self._text[prompt_set] = session
+        return self._text[prompt_set]
 
     def _session(self, ort: Any, opts: Any, kind: str, prompt_set: int) -> Any:
         path = self.bundle.graph_path(kind, prompt_set)
+        if self.bundle.graph_spec(kind, prompt_set).graph_precision == "fp16" and _CUDA not in self.requested_providers:
+            # onnxruntime's extended CPU fusions crash (segfault, 1.32) on fp16 graphs with float32 islands
+            opts = _copy_options(ort, opts, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+            logger.info("%s is an fp16 graph on the CPU provider: basic graph optimisations only (fp16 is meant for "
+                        "GPUs; export --precision fp32 or int8 for CPU serving)", path.name)
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=self.requested_providers)
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidGraph, Fail, ...)
@@ -137,6 +187,12 @@ class OrtRuntime:
                 f"an opset/operator onnxruntime {ort.__version__} lacks; re-export the bundle or upgrade onnxruntime."
             ) from exc
         active = session.get_providers()
+        missing_gpu = [p for p in self.requested_providers if p in _GPU_PROVIDERS and p not in active]
+        if missing_gpu and self.explicit_providers:
+            raise RuntimeUnavailableError(
+                f"{', '.join(missing_gpu)} was requested but onnxruntime did not activate it for {path.name} (active "
+                f"providers: {active}); onnxruntime's own error is logged above. Install: {_GPU_INSTALL_HINT}. Or "
+                "ask for --providers cpu to run on CPU deliberately.")
         if _CUDA in self.requested_providers and _CUDA not in active and not self._warned_cpu_fallback:
             self._warned_cpu_fallback = True
             logger.warning(
@@ -149,15 +205,12 @@ class OrtRuntime:
             )
         return session
 
-    def _check_io(self) -> None:
-        """Check the graphs' inputs/outputs against the manifest once, at load."""
+    def _check_image_io(self) -> None:
+        """Check the image graph's inputs/outputs against the manifest once, at load (text graphs: at first use)."""
         b = self.bundle
         h, w = b.preprocessing.image_size
         self._check_graph(self._image, b.graph_spec("image"), b.graph_path("image").name,
                           IMAGE_INPUT, [None, 3, h, w], IMAGE_OUTPUT)
-        for k, session in enumerate(self._text):
-            self._check_graph(session, b.graph_spec("text", k), b.graph_path("text", k).name,
-                              TEXT_INPUT, [None, b.context_length], TEXT_OUTPUT)
         if b.num_prompt_sets > 1:
             # load_bundle made the manifest declare a float32 expert_weights output and _check_graph found it
             # in the graph with that dtype; only its width is left to check.
@@ -199,8 +252,21 @@ class OrtRuntime:
 
     def run_image(self, pixel_values: np.ndarray) -> np.ndarray:
         """float32 ``[B,3,H,W]`` -> float32 ``[B,D]`` image embeddings."""
-        (out,) = self._image.run([IMAGE_OUTPUT], {IMAGE_INPUT: _pixels(pixel_values)})
+        (out,) = self._run_image([IMAGE_OUTPUT], pixel_batch(pixel_values))
         return np.asarray(out, dtype=np.float32)
+
+    def _run_image(self, outputs: list[str], x: np.ndarray) -> list[np.ndarray]:
+        """One run of the image graph; on CUDA through IO binding (input copied to the device once, outputs
+        allocated there and copied back once). Written against onnxruntime's documented IOBinding API; never run
+        on a GPU host by this project's tests (none was at hand)."""
+        if not self.io_binding:
+            return self._image.run(outputs, {IMAGE_INPUT: x})
+        binding = self._image.io_binding()
+        binding.bind_ortvalue_input(IMAGE_INPUT, self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        for name in outputs:
+            binding.bind_output(name, "cuda", 0)
+        self._image.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def run_image_and_weights(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 ``[B,3,H,W]`` -> (float32 ``[B,D]`` image embeddings, float32 ``[B,S]`` prompt-set weights).
@@ -208,12 +274,12 @@ class OrtRuntime:
         Both come from one run of the image graph; with one prompt set the weights are ones ``[B,1]``
         (the graph has no ``expert_weights`` output then).
         """
-        x = _pixels(pixel_values)
+        x = pixel_batch(pixel_values)
         s = self.bundle.num_prompt_sets
         if s == 1:
-            (embeds,) = self._image.run([IMAGE_OUTPUT], {IMAGE_INPUT: x})
+            (embeds,) = self._run_image([IMAGE_OUTPUT], x)
             return np.asarray(embeds, dtype=np.float32), np.ones((x.shape[0], 1), dtype=np.float32)
-        embeds, weights = self._image.run([IMAGE_OUTPUT, EXPERT_WEIGHTS_OUTPUT], {IMAGE_INPUT: x})
+        embeds, weights = self._run_image([IMAGE_OUTPUT, EXPERT_WEIGHTS_OUTPUT], x)
         if weights.shape != (x.shape[0], s):  # the S axis may be symbolic in the graph
             raise BundleError(
                 f"{self.bundle.graph_path('image').name}: output {EXPERT_WEIGHTS_OUTPUT!r} has shape "
@@ -225,22 +291,21 @@ class OrtRuntime:
         """int64 ``[N,L]`` -> float32 ``[N,D]`` text embeddings of ``prompt_set``."""
         if not 0 <= prompt_set < len(self._text):
             raise IndexError(f"prompt_set {prompt_set} out of range: the bundle has {len(self._text)} prompt set(s)")
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] != self.bundle.context_length:
-            raise ValueError(f"input_ids must be a non-empty [N,{self.bundle.context_length}] array, got {ids.shape}")
-        (out,) = self._text[prompt_set].run([TEXT_OUTPUT], {TEXT_INPUT: ids})
+        ids = token_batch(input_ids, self.bundle.context_length)
+        (out,) = self._text_session(prompt_set).run([TEXT_OUTPUT], {TEXT_INPUT: ids})
         return np.asarray(out, dtype=np.float32)
 
     def __repr__(self) -> str:
         return f"OrtRuntime(bundle={str(self.bundle.root)!r}, providers={self.providers})"
 
 
-def _pixels(pixel_values: np.ndarray) -> np.ndarray:
-    """``pixel_values`` as a C-contiguous float32 ``[B,3,H,W]`` array with B >= 1."""
-    x = np.ascontiguousarray(pixel_values, dtype=np.float32)
-    if x.ndim != 4 or x.shape[0] == 0:
-        raise ValueError(f"pixel_values must be a non-empty [B,3,H,W] array, got shape {x.shape}")
-    return x
+def _copy_options(ort: Any, opts: Any, level: Any) -> Any:
+    """A copy of session options ``opts`` with graph optimisation ``level``."""
+    new = ort.SessionOptions()
+    new.graph_optimization_level = level
+    new.intra_op_num_threads = opts.intra_op_num_threads
+    new.log_severity_level = opts.log_severity_level
+    return new
 
 
 def _check_shape(actual: list, expected: list[int | None], what: str, fail) -> None:
@@ -252,17 +317,69 @@ def _check_shape(actual: list, expected: list[int | None], what: str, fail) -> N
             raise fail(f"{what} has shape {actual}, expected {['N' if d is None else d for d in expected]}")
 
 
-def create_runtime(bundle: Bundle, kind: str = "auto", **kwargs: Any) -> Runtime:
+def resolve_providers(providers: str | Sequence[str]) -> list[str]:
+    """``"cuda"``, ``"cuda,cpu"``, ``["cpu"]`` or full onnxruntime names -> onnxruntime provider names, in order."""
+    items = [p.strip() for p in providers.split(",")] if isinstance(providers, str) else [str(p) for p in providers]
+    out = []
+    for item in items:
+        if not item:
+            continue
+        name = PROVIDER_ALIASES.get(item.lower(), item)
+        if not name.endswith("ExecutionProvider"):
+            raise RuntimeUnavailableError(f"unknown execution provider {item!r}; use {', '.join(PROVIDER_ALIASES)} "
+                                          "or an onnxruntime provider name such as CUDAExecutionProvider")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise RuntimeUnavailableError("no execution provider given; use e.g. --providers cuda or --providers cpu")
+    return out
+
+
+def host_has_gpu() -> bool:
+    """Whether this host has an NVIDIA GPU driver (``nvidia-smi`` on PATH or ``/dev/nvidia0``)."""
+    return shutil.which("nvidia-smi") is not None or Path("/dev/nvidia0").exists()
+
+
+def create_runtime(bundle: Bundle, kind: str = "auto", *, environ: Mapping[str, str] | None = None,
+                   **kwargs: Any) -> Runtime:
     """Create the inference runtime ``kind`` for ``bundle``.
 
     Args:
-        kind: ``"auto"`` (currently onnxruntime) or ``"ort"``. ``"tensorrt"`` is not built in this version.
-        **kwargs: passed to the runtime (``providers``, ``intra_op_threads`` for ort).
+        kind: ``"ort"`` (onnxruntime), ``"tensorrt"`` (the bundle's TensorRT engine for this host; refuses a
+            mismatched one with how to rebuild) or ``"auto"``: TensorRT when TensorRT is installed and an engine
+            matches this host, else onnxruntime (CUDA when active, else CPU). ``auto`` logs its choice, at WARNING
+            when it is not a GPU one on a host with a GPU.
+        environ: where ``PROMPTCLIP_PROVIDERS`` is read when no ``providers`` are passed (default ``os.environ``).
+        **kwargs: passed to the runtime (``providers``, ``intra_op_threads``, ``lazy_text`` for ort).
     """
-    if kind in ("auto", "ort"):
+    env = os.environ if environ is None else environ
+    if kwargs.get("providers") is None and env.get(PROVIDERS_ENV, "").strip():
+        kwargs["providers"] = resolve_providers(env[PROVIDERS_ENV])
+    if kind not in RUNTIME_KINDS:
+        raise RuntimeUnavailableError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIME_KINDS)}.")
+    if kind == "ort":
         return OrtRuntime(bundle, **kwargs)
+    from . import tensorrt_runtime
+
     if kind == "tensorrt":
-        raise RuntimeUnavailableError(
-            "the TensorRT runtime is not built in this version of promptclip; use runtime 'ort'."
-        )
-    raise RuntimeUnavailableError(f"unknown runtime {kind!r}; choose one of {', '.join(RUNTIME_KINDS[:2])}.")
+        if kwargs.get("providers") is not None:
+            raise RuntimeUnavailableError("--providers applies to --runtime ort only; the TensorRT runtime runs the "
+                                          "bundle's engines on the GPU (drop --providers or use --runtime ort)")
+        return tensorrt_runtime.TensorRTRuntime(bundle)
+    # auto
+    gpu_host = host_has_gpu()
+    if kwargs.get("providers") is None:
+        reason = tensorrt_runtime.why_no_engine(bundle)
+        if reason is None:
+            rt: Runtime = tensorrt_runtime.TensorRTRuntime(bundle)
+            logger.info("runtime auto: chose TensorRT (an engine in the bundle matches this host: %s)", rt.providers)
+            return rt
+    else:
+        reason = "providers were given"
+    rt = OrtRuntime(bundle, **kwargs)
+    on_gpu = rt.providers[0] in _GPU_PROVIDERS
+    level = logging.WARNING if gpu_host and not on_gpu else logging.INFO
+    logger.log(level, "runtime auto: chose onnxruntime with %s (TensorRT not used: %s)%s", rt.providers[0], reason,
+               "; THIS HOST HAS A GPU but inference runs on CPU: install onnxruntime-gpu ('promptclip[gpu]') or "
+               "build a TensorRT engine (`promptclip engine build`)" if level == logging.WARNING else "")
+    return rt

@@ -179,7 +179,9 @@ def test_ort_runtime_runs_both_graphs(synthetic_bundle):
 
 def test_runtime_kinds(synthetic_bundle):
     b = load_bundle(synthetic_bundle.path, verify_hashes=False)
-    with pytest.raises(RuntimeUnavailableError, match="not built in this version.*use runtime 'ort'"):
+    # issue 14: the TensorRT runtime exists; on a host without TensorRT it names what to install
+    with pytest.raises(RuntimeUnavailableError, match=r"TensorRT is not installed here: pip install "
+                                                      r"'promptclip\[trt\]'"):
         create_runtime(b, "tensorrt")
     with pytest.raises(RuntimeUnavailableError, match="unknown runtime"):
         create_runtime(b, "magic")

@@ -17,7 +17,8 @@ def _worst(entry: Any) -> dict[str, float]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     path = export_bundle(args.artifact, args.out, class_names=class_list(args), exporter=args.exporter,
-                         opset=args.opset, pretrained=args.pretrained, overwrite=args.overwrite)
+                         opset=args.opset, pretrained=args.pretrained, overwrite=args.overwrite,
+                         precision=args.precision, optimize=args.optimize)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"bundle: {path}")
     print(json.dumps({"classes": len(manifest["classes"]["names"]),

@@ -20,4 +20,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--opset", type=int, default=18)
     s.add_argument("--pretrained", default=None)
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="graph precision: fp16 halves the size (float32 inputs/outputs, LayerNorm, softmax and the "
+                        "final normalisation kept in float32; for GPUs), int8 is dynamic quantisation (CPU only, "
+                        "opt-in); parity against torch is measured and bounded per precision")
+    s.add_argument("--optimize", action="store_true",
+                   help="run onnxruntime's transformer optimiser (constant folding, fusions) on each graph; the "
+                        "optimised graph uses onnxruntime-only operators, so TensorRT engines need a plain export")
     s.set_defaults(handler=(HANDLERS, "cmd_export"))

@@ -8,6 +8,16 @@ import os
 HANDLERS = "promptclip.cli.commands.serve"
 
 
+def _runtime_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--runtime", default=None, choices=["auto", "ort", "tensorrt"],
+                   help="inference runtime: auto (a TensorRT engine of the bundle that matches this host, else "
+                        "onnxruntime; logs its choice), ort, tensorrt (default: $PROMPTCLIP_RUNTIME or auto)")
+    s.add_argument("--providers", default=None,
+                   help="onnxruntime execution providers in order, e.g. cuda, cpu or cuda,cpu (with --runtime ort or "
+                        "auto); a requested GPU provider that does not start is an error (default: "
+                        "$PROMPTCLIP_PROVIDERS, else CUDA when available, then CPU)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve a bundle over HTTP with BentoML (no torch needed)")
     s.add_argument("--bundle", required=True)
@@ -17,6 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--workers", type=int, help="number of API worker processes")
     s.add_argument("--token", default=os.environ.get("PROMPTCLIP_API_TOKEN"),
                    help="bearer token required by mutating endpoints (default: $PROMPTCLIP_API_TOKEN)")
+    _runtime_options(s)
     s.set_defaults(handler=(HANDLERS, "cmd_serve"))
 
     s = sub.add_parser("classify", help="classify local images with a bundle (no server, no torch)")
@@ -26,4 +37,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--classes", help="comma-separated ad-hoc class list for this call")
     s.add_argument("--classes-file")
     s.add_argument("--state-dir")
+    _runtime_options(s)
     s.set_defaults(handler=(HANDLERS, "cmd_classify"))
