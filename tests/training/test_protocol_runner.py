@@ -24,7 +24,7 @@ def test_toy_bench_and_reproduce_run_the_same_runner_and_rows(tmp_path, monkeypa
 
     monkeypatch.setattr(ProtocolRunner, "base2novel", spy)
     bench = BenchConfig(methods=("coop",), seeds=(1,), styles=("clean",), steps=2, batch_size=8,
-                        backbone="tiny-test", protocols=("base2novel",))
+                        backbone="tiny-test", protocols=("base2novel",), splits=("name",))
     run_bench(bench, tmp_path / "bench")
     train = {"epochs": 10_000, "max_steps": 2, "batch_size": 8, "lr": bench.lr, "optimizer": bench.optimizer,
              "augment": bench.augment, "precision": "auto", "device": "auto", "log_every": 20}

@@ -37,7 +37,8 @@ def mini_bench(tmp_path_factory):
     from training.protocols.toybench import BenchConfig, run_bench
 
     cfg = BenchConfig(methods=("zeroshot", "coop", "ivlp"), seeds=(1,), styles=("clean", "palette"),
-                      num_classes=12, shots=8, test_per_class=6, steps=40, protocols=("base2novel",))
+                      num_classes=12, shots=8, test_per_class=6, steps=40, protocols=("base2novel",),
+                      splits=("name",))
     out = tmp_path_factory.mktemp("bench")
     return run_bench(cfg, out), out
 

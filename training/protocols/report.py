@@ -75,6 +75,80 @@ def b2n_table(rows: list[dict[str, Any]], *, group_key: str = "style", methods: 
     return table, "\n".join(lines)
 
 
+#: Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (t_{0.975, df}); above 30, the normal 1.96.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975} with ``df`` degrees of freedom (table to 30, 1.96 above); ``df`` must be >= 1."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 2 paired values (df >= 1), got df={df}")
+    return _T975[df - 1] if df <= len(_T975) else 1.96
+
+
+def paired_interval(diffs: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% t interval over them: (mean, low, high); NaN bounds for one value."""
+    vals = [d for d in diffs if d is not None and not math.isnan(d)]
+    if not vals:
+        return float("nan"), float("nan"), float("nan")
+    mean = statistics.fmean(vals)
+    if len(vals) < 2:
+        return mean, float("nan"), float("nan")
+    half = t_quantile_975(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return mean, mean - half, mean + half
+
+
+def per_seed_b2n(rows: Iterable[dict[str, Any]], *, group_key: str = "style",
+                 groups: Sequence[str] | None = None) -> dict[tuple[str, Any], dict[str, float]]:
+    """Per (method, seed): base and new averaged over ``groups`` (every group must be present) and their HM."""
+    cells: dict[tuple[str, Any], dict[str, dict[str, float]]] = defaultdict(dict)
+    for r in rows:
+        if groups is None or r[group_key] in groups:
+            cells[(r["method"], r["seed"])][r[group_key]] = r
+    out = {}
+    for key, per in cells.items():
+        if groups is not None and set(per) != set(groups):
+            continue  # an unfinished seed: not comparable
+        b = statistics.fmean(x["base"] for x in per.values())
+        n = statistics.fmean(x["new"] for x in per.values())
+        out[key] = {"base": b, "new": n, "hm": harmonic_mean(b, n)}
+    return out
+
+
+def paired_b2n_table(rows: list[dict[str, Any]], *, methods: Sequence[str], references: Sequence[str],
+                     group_key: str = "style", groups: Sequence[str] | None = None) -> tuple[list[dict], str]:
+    """Each method minus each reference on the seeds both have, for base, new and HM averaged over ``groups``:
+    the mean difference and its 95% t interval over seeds. Returns (table rows, markdown); empty when no
+    reference is among the rows."""
+    per = per_seed_b2n(rows, group_key=group_key, groups=groups)
+    refs = [ref for ref in references if any(m == ref for m, _ in per)]
+    table: list[dict[str, Any]] = []
+    for ref in refs:
+        for m in methods:
+            if m == ref:
+                continue
+            seeds = sorted({s for (mm, s) in per if mm == m} & {s for (mm, s) in per if mm == ref})
+            if not seeds:
+                continue
+            row: dict[str, Any] = {"method": m, "reference": ref, "seeds": len(seeds)}
+            for metric in ("base", "new", "hm"):
+                mean, lo, hi = paired_interval([per[(m, s)][metric] - per[(ref, s)][metric] for s in seeds])
+                row.update({f"d_{metric}": mean, f"d_{metric}_low": lo, f"d_{metric}_high": hi})
+            table.append(row)
+    if not table:
+        return [], ""
+
+    def cell(r: dict[str, Any], metric: str) -> str:
+        mean, lo, hi = (100 * r[f"d_{metric}{x}"] for x in ("", "_low", "_high"))
+        return f"{mean:+.1f}" if math.isnan(lo) else f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+    lines = ["| method | reference | seeds | Δ base | Δ new | Δ HM |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['reference']} | {r['seeds']} | {cell(r, 'base')} | {cell(r, 'new')} | "
+              f"**{cell(r, 'hm')}** |" for r in table]
+    return table, "\n".join(lines)
+
+
 def accuracy_table(rows: list[dict[str, Any]], *, group_key: str, metric: str = "accuracy",
                    methods: Sequence[str] | None = None, groups: Sequence[str] | None = None) -> tuple[list[dict], str]:
     """Mean accuracy (± std over seeds) per method and group, plus the average over groups; markdown too."""

@@ -4,6 +4,10 @@ Three protocols, mirroring the field's (methods.md §2.2), with the toy world's 
 
 * **base-to-novel**, per style: each style has its own seeded set of colour-shape classes; few-shot training on the
   base half (CoOp rule on sorted class names), accuracy on the base and new halves of the test split, HM;
+  it runs on each of ``splits``: ``name`` (today's split: new classes are unseen colour-shape pairs whose shapes
+  also occur among the base classes) and ``disjoint`` (new classes share no shape with base classes, so a context
+  that overfits to the base shapes shows it: :mod:`training.toyworld.provider`); rows of the disjoint split carry
+  the style as ``disjoint-<style>``;
 * **cross-style transfer** (as cross-dataset): train on the source style with all its classes, evaluate on every
   other style's own classes;
 * **domain generalisation**: the same source-trained model on the source classes rendered in the held-out styles;
@@ -31,7 +35,7 @@ from typing import Any
 from training.methods import get_method_class, list_methods
 from training.protocols import report
 from training.protocols.runner import ProtocolRunner, RunNaming, parse_method_spec
-from training.toyworld.provider import WORLD, ToyWorldProvider
+from training.toyworld.provider import SPLITS, WORLD, ToyWorldProvider
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,8 @@ class BenchConfig:
     backbone: str = "toy-clip"
     pretrained: str | None = None
     data_seed: int = 0
+    #: base/new splits of the base-to-novel protocol (``training.toyworld.provider.SPLITS``)
+    splits: tuple[str, ...] = SPLITS
     #: ``loso`` is opt-in (``--protocols loso``): it adds ~12 min on 2 cores, and the default stays within ~20 min
     protocols: tuple[str, ...] = ("base2novel", "cross_style", "dg")
     #: methods of the leave-one-style-out protocol (method specs, as ``methods``)
@@ -98,7 +104,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
                             backbone=cfg.backbone, pretrained=cfg.pretrained, train=_train_settings(cfg),
                             progress=progress)
     if "base2novel" in cfg.protocols:
-        runner.base2novel([provider.dataset_name(s) for s in cfg.styles])
+        runner.base2novel([provider.dataset_name(s, split=split) for split in cfg.splits for s in cfg.styles])
     others = [s for s in cfg.styles if s != cfg.source_style]
     evaluations = {p: {s: provider.dataset_name(s, dg=p == "dg") for s in others}
                    for p in ("cross_style", "dg") if p in cfg.protocols}
@@ -113,21 +119,47 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
     return summary
 
 
+def _b2n_reports(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]], methods: Sequence[str], split: str,
+                 summary: dict[str, Any]) -> list[str]:
+    """The base-to-novel table, paired comparisons and charts of one split (file names suffixed unless ``name``)."""
+    prefix = "" if split == "name" else f"{split}-"
+    names = {f"{prefix}{s}": s for s in cfg.styles}
+    b2n = [{**r, "style": names[r["style"]]} for r in rows if r["protocol"] == "base2novel" and r["style"] in names]
+    if not b2n:
+        return []
+    key, suffix = ("base2novel", "") if split == "name" else (f"base2novel_{split}", f"_{split}")
+    table, text = report.b2n_table(b2n, methods=methods, groups=list(cfg.styles))
+    summary[key] = table
+    report.write_csv(out / f"{key}.csv", table)
+    what = ("new classes share shapes with base classes" if split == "name"
+            else "new classes share no shape with base classes")
+    md = [f"## Base-to-novel, {split} split ({what}; accuracy %, base / new / HM; mean over seeds)", "", text, ""]
+    paired, ptext = report.paired_b2n_table(b2n, methods=methods, references=PAIRED_REFERENCES, groups=list(cfg.styles))
+    if paired:
+        summary[f"{key}_paired"] = paired
+        report.write_csv(out / f"{key}_paired.csv", paired)
+        md += [f"### Paired differences, {split} split (method minus reference on the same seeds; mean over styles; "
+               "mean [95% t interval over seeds], points)", "", ptext, ""]
+    groups = list(cfg.styles) + ["average"]
+    report.bar_chart(out / f"b2n_hm{suffix}.png", table, group_key="style", metric="hm", methods=methods,
+                     groups=groups, title=f"Toy world base-to-novel ({split} split): harmonic mean of base and new",
+                     ylabel="HM (%)")
+    report.bar_chart(out / f"b2n_new{suffix}.png", table, group_key="style", metric="new", methods=methods,
+                     groups=groups, title=f"Toy world base-to-novel ({split} split): accuracy on new classes",
+                     ylabel="new accuracy (%)")
+    return md
+
+
+#: Methods every other method is compared with on the same seeds (paired differences).
+PAIRED_REFERENCES = ("ivlp", "zeroshot")
+
+
 def write_reports(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]], methods: Sequence[str]) -> dict[str, Any]:
     """Tables (results.md, *.csv, summary.json) and charts (b2n_hm.png, b2n_base_new.png, transfer.png)."""
     summary: dict[str, Any] = {"config": asdict(cfg), "methods": list(methods)}
     md = [f"# Toy-world benchmark ({cfg.backbone}, {cfg.shots} shots, seeds {list(cfg.seeds)}, {cfg.steps} steps)", ""]
-    b2n = [r for r in rows if r["protocol"] == "base2novel"]
-    if b2n:
-        table, text = report.b2n_table(b2n, methods=methods, groups=list(cfg.styles))
-        summary["base2novel"] = table
-        report.write_csv(out / "base2novel.csv", table)
-        md += ["## Base-to-novel (accuracy %, base / new / HM; mean over seeds)", "", text, ""]
-        groups = list(cfg.styles) + ["average"]
-        report.bar_chart(out / "b2n_hm.png", table, group_key="style", metric="hm", methods=methods, groups=groups,
-                         title="Toy world base-to-novel: harmonic mean of base and new accuracy", ylabel="HM (%)")
-        report.bar_chart(out / "b2n_new.png", table, group_key="style", metric="new", methods=methods, groups=groups,
-                         title="Toy world base-to-novel: accuracy on new classes", ylabel="new accuracy (%)")
+    for split in cfg.splits:
+        md += _b2n_reports(cfg, out, rows, methods, split, summary)
     others = [s for s in cfg.styles if s != cfg.source_style]
     for proto, title in (("cross_style", f"Cross-style transfer (train on {cfg.source_style}, all classes; "
                                          f"test on each style's own classes)"),

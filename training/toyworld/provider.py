@@ -4,6 +4,11 @@ Dataset names (after an optional ``prefix``, ``"toyworld-"`` in ``promptclip rep
 
 * ``<style>``: the style's own seeded colour-shape classes rendered in that style (base-to-novel, cross-style);
 * ``dg-<style>``: the *source style's* classes rendered in ``<style>`` (domain generalisation);
+* ``disjoint-<style>``: the *disjoint* base/new split of ``<style>``: the base half of its classes uses one seeded
+  half of the shapes and the new half the other shapes, so a novel class shares no shape with any base class (a
+  context that overfits to the base shapes cannot transfer through a shared shape, as it can on ``<style>``, whose
+  base/new halves split the sorted names and so share shapes). The base classes come first in label order, so the
+  CoOp base/new rule (first ``ceil(n / 2)`` labels) picks them;
 * :data:`WORLD` (``"toyworld"``, never prefixed): the multi-source dataset whose domains are the styles; leaving
   one style out trains on the source classes rendered in every other style (one domain per style).
 
@@ -20,6 +25,10 @@ from training.errors import DatasetError
 from training.toyworld import world
 
 WORLD = "toyworld"
+#: Base/new splits of the toy world: ``"name"`` (the CoOp rule on sorted class names; novel classes share shapes
+#: with base ones) and ``"disjoint"`` (novel classes share no shape with base classes).
+SPLITS = ("name", "disjoint")
+DISJOINT = "disjoint-"
 
 
 class ToyWorldProvider:
@@ -41,24 +50,40 @@ class ToyWorldProvider:
     def _classes(self, style: str) -> list[tuple[str, str]]:
         return world.style_classes(style, num_classes=self.num_classes, seed=self.data_seed)
 
-    def dataset_name(self, style: str, *, dg: bool = False) -> str:
-        """The name of ``style``'s own dataset, or (``dg``) of the source classes rendered in ``style``."""
-        return f"{self.prefix}{'dg-' if dg else ''}{style}"
+    def dataset_name(self, style: str, *, dg: bool = False, split: str = "name") -> str:
+        """The name of ``style``'s own dataset (``split`` ``"disjoint"``: its disjoint base/new split), or (``dg``)
+        of the source classes rendered in ``style``."""
+        if split not in SPLITS:
+            raise DatasetError(f"unknown toy-world split {split!r}; choose from {', '.join(SPLITS)}")
+        if dg and split != "name":
+            raise DatasetError("the disjoint split is a base-to-novel split; dg datasets have no base/new split")
+        return f"{self.prefix}{'dg-' if dg else ''}{DISJOINT if split == 'disjoint' else ''}{style}"
 
     def owns(self, name: str) -> bool:
-        return name == WORLD or (name.startswith(self.prefix) and name[len(self.prefix):].removeprefix("dg-")
-                                 in world.STYLES)
+        if name == WORLD:
+            return True
+        key = name[len(self.prefix):] if name.startswith(self.prefix) else None
+        return key is not None and (key.removeprefix("dg-") in world.STYLES or key.removeprefix(DISJOINT)
+                                    in world.STYLES)
 
     def load(self, name: str) -> DatasetSplits:
         if not self.owns(name) or name == WORLD:
-            raise DatasetError(f"{name!r} is not a toy-world dataset; use {self.prefix}<style> or "
-                               f"{self.prefix}dg-<style> with a style of {', '.join(world.STYLES)}")
+            raise DatasetError(f"{name!r} is not a toy-world dataset; use {self.prefix}<style>, "
+                               f"{self.prefix}{DISJOINT}<style> or {self.prefix}dg-<style> with a style of "
+                               f"{', '.join(world.STYLES)}")
         key = name[len(self.prefix):]
         if key.startswith("dg-"):  # one training image per class: only the test split is used
             style = key[3:]
             splits = world.write_style_dataset(self.root / key, style, classes=self._classes(self.source_style),
                                                train_per_class=1, test_per_class=self.test_per_class,
                                                seed=self.data_seed + 1)
+        elif key.startswith(DISJOINT):
+            style = key[len(DISJOINT):]
+            classes = world.disjoint_style_classes(style, num_classes=self.num_classes,
+                                                  seed=self.data_seed)
+            splits = ordered_labels(world.write_style_dataset(
+                self.root / key, style, classes=classes, train_per_class=self.train_per_class,
+                test_per_class=self.test_per_class, seed=self.data_seed), [world.class_name(*c) for c in classes])
         else:
             splits = world.write_style_dataset(self.root / key, key, classes=self._classes(key),
                                                train_per_class=self.train_per_class,
@@ -104,3 +129,18 @@ class ToyWorldProvider:
     def _check_world(self, name: str) -> None:
         if name != WORLD:
             raise DatasetError(f"{name!r} has no domains; the toy world's multi-source dataset is {WORLD!r}")
+
+
+def ordered_labels(splits: DatasetSplits, classnames: Sequence[str]) -> DatasetSplits:
+    """``splits`` relabelled so that label ``i`` is ``classnames[i]`` (the same set of names in another order)."""
+    if sorted(classnames) != sorted(splits.classnames):
+        raise DatasetError(f"cannot reorder the classes of {splits.name or 'a toy-world dataset'}: the names differ")
+    old = {name: i for i, name in enumerate(splits.classnames)}
+    relabel = {old[name]: new for new, name in enumerate(classnames)}
+
+    def _relabel(items: list) -> list:
+        return sorted((dataclasses.replace(x, label=relabel[x.label]) for x in items),
+                      key=lambda x: (x.label, x.path, x.domain))
+
+    return dataclasses.replace(splits, classnames=list(classnames), train=_relabel(splits.train),
+                               val=_relabel(splits.val), test=_relabel(splits.test))

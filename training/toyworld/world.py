@@ -64,6 +64,7 @@ __all__ = [
     "pretrain_batch",
     "default_holdout",
     "style_classes",
+    "disjoint_style_classes",
     "write_style_dataset",
     "palette_color",
 ]
@@ -239,6 +240,26 @@ def style_classes(style: str, *, num_classes: int = 40, seed: int = 0) -> list[t
         raise DatasetError(f"num_classes must be in 1..{len(classes)}, got {num_classes!r}")
     pick = _seeded_rng("toyworld-classes", style, int(seed)).choice(len(classes), size=n, replace=False)
     return [classes[int(i)] for i in sorted(pick)]
+
+
+def disjoint_style_classes(style: str, *, num_classes: int = 20, seed: int = 0) -> list[tuple[str, str]]:
+    """``num_classes`` seeded classes of ``style`` split by shape: the first ``ceil(n / 2)`` (base) use one seeded
+    half of the 12 shapes, the rest (new) the other half, so no new class shares a shape with a base class. Each
+    half is sorted by class name; the base half comes first."""
+    check_style(style, pretrain_ok=False)
+    n = int(num_classes)
+    half = len(SHAPES) // 2
+    limit = 2 * half * len(COLORS)
+    if not 2 <= n <= limit:
+        raise DatasetError(f"num_classes of the disjoint split must be in 2..{limit}, got {num_classes!r}")
+    rng = _seeded_rng("toyworld-disjoint", style, int(seed))
+    shapes = [SHAPES[int(i)] for i in rng.permutation(len(SHAPES))]
+    out: list[tuple[str, str]] = []
+    for part, count in ((shapes[:half], (n + 1) // 2), (shapes[half:], n // 2)):
+        pool = [(c, s) for (c, s) in ALL_CLASSES if s in part]
+        pick = rng.choice(len(pool), size=count, replace=False)
+        out += sorted((pool[int(i)] for i in pick), key=lambda p: class_name(*p))
+    return out
 
 
 # -------------------------------------------------------------------------------------------- datasets

@@ -12,6 +12,7 @@ from training.methods import get_method_class
 from training.protocols.toybench import PROTOCOLS, BenchConfig, parse_method_spec, run_bench
 from training.toyworld.pretrain import DEFAULT_WEIGHTS_PATH, PretrainConfig, pretrain
 from training.toyworld.preview import save_contact_sheet
+from training.toyworld.provider import SPLITS
 
 
 def cmd_toyworld_pretrain(args: argparse.Namespace) -> int:
@@ -50,6 +51,11 @@ def cmd_bench_toyworld(args: argparse.Namespace) -> int:
         values["styles"] = name_list(args.styles)
     if args.num_classes:
         values["num_classes"] = args.num_classes
+    if args.splits:
+        values["splits"] = name_list(args.splits)
+        bad = set(values["splits"]) - set(SPLITS)
+        if bad:
+            raise PromptclipError(f"unknown split(s) {sorted(bad)}; choose from {', '.join(SPLITS)}")
     if args.protocols:
         values["protocols"] = name_list(args.protocols)
         bad = set(values["protocols"]) - set(PROTOCOLS)
