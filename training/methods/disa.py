@@ -19,11 +19,17 @@ What follows the paper:
 
 What is reconstructed [R]:
 * L_SR = PromptSRC's self-consistency (25 L1 text + 10 L1 image + KL on logits, template-ensemble text targets);
-* masking: saliency = cosine between the frozen final patch tokens (after ``ln_post`` + ``proj``) and the frozen
-  text feature of the label (or the mean over the frozen top-k predicted classes); the ``round(r * P)`` lowest
-  patches are removed (tokens and their positional embeddings) from the *prompted* view f_p^m; r = 0.25;
-* L_CIR uses softmax over classes of 100*cos, KL(q(f_p^m, g_o) || q(f_o, g_p)) averaged over the batch, no
-  stop-gradient; optional second term KL(q(f_p, g_p) || q(f_o, g_o)) (off by default);
+* masking: saliency (``saliency_source``) = by default the frozen tower's last-layer attention from the class
+  token to each patch (heads averaged): the patches the frozen model pools from, which follow the object on real
+  CLIP, where final-layer patch-text cosines are noisy and often favour the background (CLIP Surgery, MaskCLIP);
+  option ``"text"``: the cosine between the frozen final patch tokens (after ``ln_post`` + ``proj``) and the
+  frozen text feature of the label (or the mean over the frozen top-k predicted classes). The ``round(r * P)``
+  lowest patches are removed (tokens and their positional embeddings) from the *prompted* view f_p^m; r = 0.25;
+  grids of fewer than ``mask_small_grid`` patches drop at most ``mask_small_grid_ratio`` of them (one of 16 on a
+  4 x 4 grid), so a small grid never loses object parts to a fixed ratio;
+* L_CIR uses softmax over classes of 100*cos, KL(q(f_p^m, g_o) || q(f_o, g_p)) with PromptSRC's logit-KL scale
+  (sum / numel, i.e. batchmean / C: ``cir_reduction="numel"``; ``"batchmean"`` is the earlier, C times stronger
+  form), no stop-gradient; optional second term KL(q(f_p, g_p) || q(f_o, g_o)) (off by default);
 * L_DiR = lambda * mean_i (1 - cos(f_p(x_i), mu_{y_i})), mu_c = normalise(mean of the normalised frozen image
   features of class c over the few-shot training set, eval transform), lambda = 1;
 * Gaussian prompt aggregation (PromptSRC GPA, mean 15, std 1 epochs), on by default; the mean is clamped to the
@@ -101,6 +107,9 @@ class DiSaConfig(IVLPConfig):
     # --- L_CIR, cross-interactive regularisation [S formula; R masked view and second term]
     use_cir: bool = True              #: [S] add L_CIR = KL(q(f_p^m, g_o) || q(f_o, g_p))
     cir_weight: float = 1.0           #: [R] weight of L_CIR (the summary's total loss has none: 1)
+    #: [R] KL reduction of CIR: "numel" (sum / numel = batchmean / C, PromptSRC's logit KL, which DiSa builds on)
+    #: | "batchmean" (C times stronger: its gradient on the vision prompts matched the CE's at the start)
+    cir_reduction: str = "numel"
     #: [R] add KL(q(f_p, g_p) || q(f_o, g_o)) (the summary's cut-off "consistency" hint); part of CIR: only with
     #: use_cir
     cir_second_term: bool = False
@@ -109,7 +118,15 @@ class DiSaConfig(IVLPConfig):
     #: [P/S] CIR's prompted image view f_p^m drops low-saliency patches (off: f_p^m = f_p); only used by CIR
     use_masking: bool = True
     mask_ratio: float = 0.25          #: [R] fraction r of patches dropped (round(r * P), at least one kept); in [0, 1)
-    #: [R] "label": cos(z_j, g_o[y]) | "topk": mean cos over the frozen top-k predicted classes
+    #: [R] grids with fewer patches than this (ViT-B/32 at 224 px has 49) drop at most mask_small_grid_ratio of
+    #: their patches: on a 4 x 4 toy grid, 4 dropped patches remove object parts; 0 = always mask_ratio
+    mask_small_grid: int = 49
+    mask_small_grid_ratio: float = 0.0625  #: [R] the bound on small grids (1 of 16 patches); in [0, 1)
+    #: [R] "attention": the frozen tower's last-layer class-token attention to each patch (heads averaged; follows
+    #: the object on real CLIP) | "text": cosine of the frozen final patch tokens with the frozen class text
+    #: (noisy on real CLIP, often favouring background; the earlier default)
+    saliency_source: str = "attention"
+    #: [R] for saliency_source "text": "label": cos(z_j, g_o[y]) | "topk": mean cos over the frozen top-k classes
     saliency_target: str = "label"
     saliency_topk: int = 5            #: [R] k for "topk" (clamped to the number of classes)
     # --- L_DiR, directional regularisation [P/S intent; R exact form]
@@ -132,8 +149,15 @@ class DiSaConfig(IVLPConfig):
         for name in ("sr_templates", "frozen_text_templates"):
             if getattr(self, name) not in _TEMPLATE_CHOICES:
                 raise ValueError(f"{name} must be one of {', '.join(_TEMPLATE_CHOICES)}, got {getattr(self, name)!r}")
-        if not (0.0 <= self.mask_ratio < 1.0):
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio!r}")
+        for name in ("mask_ratio", "mask_small_grid_ratio"):
+            if not (0.0 <= getattr(self, name) < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.mask_small_grid < 0:
+            raise ValueError(f"mask_small_grid must be >= 0 (patches), got {self.mask_small_grid!r}")
+        if self.cir_reduction not in ("numel", "batchmean"):
+            raise ValueError(f"cir_reduction must be numel or batchmean, got {self.cir_reduction!r}")
+        if self.saliency_source not in ("attention", "text"):
+            raise ValueError(f"saliency_source must be attention or text, got {self.saliency_source!r}")
         if self.saliency_target not in ("label", "topk"):
             raise ValueError(f"saliency_target must be label or topk, got {self.saliency_target!r}")
         if self.saliency_topk < 1:
@@ -158,20 +182,29 @@ def sr_terms(f_p: torch.Tensor, g_p: torch.Tensor, f_o: torch.Tensor, g_o_sr: to
             logit_weight * promptsrc_logit_kl(logits_p, logits_zs))
 
 
-def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """mean over rows of KL(softmax(p_logits) || softmax(q_logits)) = sum P (log P - log Q) / B."""
-    return F.kl_div(F.log_softmax(q_logits, dim=-1), F.log_softmax(p_logits, dim=-1), reduction="batchmean",
-                    log_target=True)
+def kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(p_logits) || softmax(q_logits)) summed over rows, divided by B (``"batchmean"``) or by B x C
+    (``"numel"``, PromptSRC's logit-KL scale)."""
+    kl = F.kl_div(F.log_softmax(q_logits, dim=-1), F.log_softmax(p_logits, dim=-1), reduction="sum",
+                  log_target=True)
+    if reduction == "numel":
+        return kl / q_logits.numel()
+    if reduction == "batchmean":
+        return kl / q_logits.shape[0]
+    raise ValueError(f"unknown KL reduction {reduction!r}: use numel or batchmean")
 
 
-def cir_loss(f_pm: torch.Tensor, g_o: torch.Tensor, f_o: torch.Tensor, g_p: torch.Tensor, scale) -> torch.Tensor:
-    """L_CIR = (1/B) sum_i KL( softmax(scale f_p^m g_o^T) || softmax(scale f_o g_p^T) ) (features normalised)."""
-    return kl_rows(scale * f_pm @ g_o.t(), scale * f_o @ g_p.t())
+def cir_loss(f_pm: torch.Tensor, g_o: torch.Tensor, f_o: torch.Tensor, g_p: torch.Tensor, scale,
+             reduction: str = "batchmean") -> torch.Tensor:
+    """L_CIR = KL( softmax(scale f_p^m g_o^T) || softmax(scale f_o g_p^T) ) over rows / B or / B C (features
+    normalised)."""
+    return kl_rows(scale * f_pm @ g_o.t(), scale * f_o @ g_p.t(), reduction)
 
 
-def cir_second_loss(f_p: torch.Tensor, g_p: torch.Tensor, f_o: torch.Tensor, g_o: torch.Tensor, scale) -> torch.Tensor:
-    """Optional second CIR term: (1/B) sum_i KL( softmax(scale f_p g_p^T) || softmax(scale f_o g_o^T) )."""
-    return kl_rows(scale * f_p @ g_p.t(), scale * f_o @ g_o.t())
+def cir_second_loss(f_p: torch.Tensor, g_p: torch.Tensor, f_o: torch.Tensor, g_o: torch.Tensor, scale,
+                    reduction: str = "batchmean") -> torch.Tensor:
+    """Optional second CIR term: KL( softmax(scale f_p g_p^T) || softmax(scale f_o g_o^T) ), reduced as CIR."""
+    return kl_rows(scale * f_p @ g_p.t(), scale * f_o @ g_o.t(), reduction)
 
 
 def dir_loss(f_p: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -206,8 +239,26 @@ def topk_saliency(tokens: torch.Tensor, text: torch.Tensor, frozen_logits: torch
     return sims.mean(dim=-1)
 
 
-def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
-    """K = P - round(r * P), at least 1."""
+def cls_attention_saliency(attn: torch.nn.MultiheadAttention, hidden: torch.Tensor) -> torch.Tensor:
+    """Class-token attention to each patch in ``attn`` (heads averaged): ``hidden`` is the block's attention
+    input (after ``ln_1``) [B, 1 + P, W] with the class token first; returns [B, P] (softmax over all 1 + P keys)."""
+    if attn.in_proj_weight is None:
+        raise ValueError("attention saliency needs a packed in_proj_weight (same q/k/v width); use "
+                         "saliency_source='text'")
+    width, heads = hidden.shape[-1], attn.num_heads
+    w, b = attn.in_proj_weight.float(), attn.in_proj_bias
+    bq, bk = (None, None) if b is None else (b[:width].float(), b[width:2 * width].float())
+    h = hidden.float()
+    q = F.linear(h[:, :1], w[:width], bq).view(h.shape[0], 1, heads, -1).transpose(1, 2)  # [B, H, 1, d]
+    k = F.linear(h, w[width:2 * width], bk).view(h.shape[0], h.shape[1], heads, -1).transpose(1, 2)  # [B, H, T, d]
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # [B, H, 1, T]
+    return att[:, :, 0, 1:].mean(dim=1)
+
+
+def num_kept_patches(num_patches: int, mask_ratio: float, small_grid: int = 0, small_grid_ratio: float = 0.0) -> int:
+    """K = P - round(r * P), at least 1; grids of fewer than ``small_grid`` patches use min(r, small_grid_ratio)."""
+    if num_patches < small_grid:
+        mask_ratio = min(mask_ratio, small_grid_ratio)
     return max(1, num_patches - int(round(mask_ratio * num_patches)))
 
 
@@ -260,6 +311,36 @@ class DiSa(IVLP):
             pooled, tokens = out
             return l2_normalize(pooled.float()), tokens.float()
         return l2_normalize(out.float())
+
+    @torch.no_grad()
+    def frozen_image_features_and_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unprompted image features (normalised) and the last block's class-token attention to each patch [B, P]
+        (the block's ``ln_1`` output is captured by a forward hook during the same frozen pass)."""
+        block = self.vision_encoder.visual.transformer.resblocks[-1]
+        seen: list[torch.Tensor] = []
+        handle = block.ln_1.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            f_o = self.frozen_image_features(images)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError(f"expected one pass through the last vision block, saw {len(seen)}")
+        return f_o, cls_attention_saliency(block.attn, seen[0])
+
+    def _saliency_keep(self, images: torch.Tensor, labels: torch.Tensor, g_o: torch.Tensor):
+        """(f_o, [B, K] indices of the patches the masking keeps) from one frozen pass (no grad, float32)."""
+        cfg = self.config
+        if cfg.saliency_source == "attention":
+            f_o, sal = self.frozen_image_features_and_attention(images)
+        else:
+            f_o, tokens = self.frozen_image_features(images, return_tokens=True)
+            with autocast_off(f_o):
+                if cfg.saliency_target == "label":
+                    sal = label_saliency(tokens, g_o, labels)
+                else:
+                    sal = topk_saliency(tokens, g_o, f_o @ g_o.t(), cfg.saliency_topk)
+        keep = num_kept_patches(sal.shape[1], cfg.mask_ratio, cfg.mask_small_grid, cfg.mask_small_grid_ratio)
+        return f_o, keep_top_patches(sal, keep)
 
     def prepare_training(self, ctx: TrainContext) -> None:
         """Precompute g_o, g_o^SR and the class prototypes once, with no grad, on ``ctx.device``."""
@@ -328,20 +409,13 @@ class DiSa(IVLP):
         g_p = l2_normalize(self.text_encoder(batch.class_token_ids, self.text_prompts(), ctx_start=1).float())  # [C, D]
         g_o, g_sr, protos = self._frozen_targets(batch)
         need_tokens = cfg.use_cir and cfg.use_masking
-        f_o = tokens = None
-        if cfg.use_sr or cfg.use_cir or (cfg.use_dir and protos is None):  # one frozen pass gives f_o and tokens
-            if need_tokens:
-                f_o, tokens = self.frozen_image_features(batch.images, return_tokens=True)
-            else:
-                f_o = self.frozen_image_features(batch.images)
+        f_o = None
+        if need_tokens:  # one frozen pass gives f_o and the saliency
+            f_o, keep = self._saliency_keep(batch.images, labels, g_o)  # keep: [B, K]
+        elif cfg.use_sr or cfg.use_cir or (cfg.use_dir and protos is None):
+            f_o = self.frozen_image_features(batch.images)
         f_pm = f_p
         if need_tokens:
-            with torch.no_grad(), autocast_off(f_p):
-                if cfg.saliency_target == "label":
-                    sal = label_saliency(tokens, g_o, labels)
-                else:
-                    sal = topk_saliency(tokens, g_o, f_o @ g_o.t(), cfg.saliency_topk)
-                keep = keep_top_patches(sal, num_kept_patches(tokens.shape[1], cfg.mask_ratio))  # [B, K]
             f_pm = l2_normalize(self.vision_encoder(batch.images, vision_prompts, keep_index=keep).float())
 
         # --- losses (float32, autocast off)
@@ -355,9 +429,10 @@ class DiSa(IVLP):
                                     cfg.sr_logit_weight)
                 terms.update(sr_text=t, sr_image=i, sr_logits=kl)
             if cfg.use_cir:
-                terms["cir"] = cfg.cir_weight * cir_loss(f_pm, g_o, f_o, g_p, scale)
+                terms["cir"] = cfg.cir_weight * cir_loss(f_pm, g_o, f_o, g_p, scale, cfg.cir_reduction)
                 if cfg.cir_second_term:
-                    terms["cir2"] = cfg.cir_second_weight * cir_second_loss(f_p, g_p, f_o, g_o, scale)
+                    terms["cir2"] = cfg.cir_second_weight * cir_second_loss(f_p, g_p, f_o, g_o, scale,
+                                                                            cfg.cir_reduction)
             if cfg.use_dir:
                 if protos is None:  # unprepared fallback: per-batch class means of the frozen features
                     protos = class_prototypes(f_o, labels, g_p.shape[0])
@@ -377,14 +452,7 @@ class DiSa(IVLP):
     @torch.no_grad()
     def saliency_keep_index(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The [B, K] patch indices the masking keeps for ``images`` (needs prepare_training)."""
-        cfg = self.config
-        f_o, tokens = self.frozen_image_features(images, return_tokens=True)
-        g_o = self.frozen_text
-        if cfg.saliency_target == "label":
-            sal = label_saliency(tokens, g_o, labels)
-        else:
-            sal = topk_saliency(tokens, g_o, f_o @ g_o.t(), cfg.saliency_topk)
-        return keep_top_patches(sal, num_kept_patches(tokens.shape[1], cfg.mask_ratio))
+        return self._saliency_keep(images, labels, self.frozen_text)[1]
 
     def write_diagnostics(self, ctx: TrainContext) -> list[Any]:
         """``saliency_masks.png``: up to 8 training images next to their masked view (dropped patches hatched)."""
