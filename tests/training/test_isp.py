@@ -259,7 +259,7 @@ def test_probing_weights_match_direct_formulas():
 @pytest.mark.parametrize("mode,mix", [("softmax", 0.0), ("power", 0.3)])
 def test_training_loss_weights_match_direct_computation(backbone, mode, mix):
     m = prepared(backbone, open_gates(build(backbone, probing_mode=mode, probing_mix=mix, probing_gamma=2.0,
-                                             probing_temperature=0.5), 0.2))
+                                             probing_temperature=0.5, probing_normalize="batch"), 0.2))
     m.train()
     batch = batch_for(backbone, m)
     out = m.training_loss(batch)
@@ -429,3 +429,30 @@ def test_variant_b_export_is_refused_clearly(shapes, tmp_path):
     with pytest.raises(ExportError, match="'isp' makes text depend on the image"):
         export_bundle(art, tmp_path / "bundle", exporter="torchscript")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_class_normalized_probing_keeps_each_class_share(backbone):
+    """The default: weights re-scaled to mean 1 within each class of the batch (the batch form times a per-class
+    factor), so a class's total weight is its sample count."""
+    w = torch.tensor([2.0, 1.0, 0.5, 4.0, 3.0])
+    labels = torch.tensor([0, 0, 1, 2, 2])
+    got = I.class_normalized_weights(w, labels, num_classes=4)  # class 3 absent: no division by zero
+    torch.testing.assert_close(got, torch.tensor([4 / 3, 2 / 3, 1.0, 8 / 7, 6 / 7]))
+    m = prepared(backbone, open_gates(build(backbone, probing_mode="power", probing_gamma=2.0), 0.2)).train()
+    assert m.config.probing_normalize == "class"
+    batch = batch_for(backbone, m)
+    out = m.training_loss(batch)
+    ref = prepared(backbone, open_gates(build(backbone, probing_mode="power", probing_gamma=2.0,
+                                              probing_normalize="batch"), 0.2)).train()
+    ref_out = ref.training_loss(batch)
+    ce = F.cross_entropy(out["logits"], batch.labels, reduction="none")
+    with torch.no_grad():
+        f_o = F.normalize(m.vision_encoder(batch.images, None), dim=-1)
+        p_zs = (m.logit_scale * f_o @ m.frozen_text.t()).softmax(-1)[torch.arange(4), batch.labels]
+        w = I.class_normalized_weights((1 + (1 - p_zs)) ** 2, batch.labels, len(CLASSES))
+    torch.testing.assert_close(out["loss"].detach(), (w * ce).mean(), rtol=1e-5, atol=1e-6)
+    for c in batch.labels.unique():
+        torch.testing.assert_close(w[batch.labels == c].sum(), (batch.labels == c).sum().float())
+    assert not torch.allclose(out["loss"], ref_out["loss"])
+    with pytest.raises(ValueError, match="probing_normalize"):
+        I.ISPConfig(probing_normalize="x")

@@ -37,7 +37,11 @@ What is reconstructed [R] (everything concrete):
   softmax over the training classes of ``logit_scale * f_o g_o^T`` with frozen (unprompted) image features ``f_o`` and
   frozen zero-shot text features ``g_o`` of the dataset template; weights, no gradient through them:
   "softmax" ``w_i = B softmax_i(d_i / T_s)`` (sum B, mean 1), or "power" ``w_i = (1 + d_i)^gamma`` divided by its
-  batch mean (mean 1); ``L = (1/B) sum_i w_i CE_i``. No extra consistency regulariser.
+  batch mean (mean 1); then (``probing_normalize="class"``, the default) divided by their mean over the samples of
+  the same class in the batch, so every class keeps its share of the loss and only samples *within* a class are
+  re-weighted (zero-shot difficulty is mostly a property of the class: batch-normalised weights up-weight whole
+  classes and shift the learned class prior; ``"batch"`` is that earlier form); ``L = (1/B) sum_i w_i CE_i``.
+  No extra consistency regulariser.
 
 Defaults: see :class:`ISPConfig` (4+4 tokens, depth 9, rank 32 for SSP and CSP, gates 0, CSP "A", probing
 "softmax" with T_s = 1, alpha = 0).
@@ -102,6 +106,10 @@ class ISPConfig(IVLPConfig):
     probing_gamma: float = 1.0    #: [R] gamma of the power mode, >= 0
     #: [R] alpha in [0, 1]: d = 1 - [(1 - alpha) p_zs(y|x) + alpha p_prompted(y|x).detach()]
     probing_mix: float = 0.0
+    #: [R] "class": weights divided by their mean over the batch's samples of the same class (mean 1 per class:
+    #: hard samples up-weighted without shifting class priors) | "batch": mean 1 over the batch (the earlier form,
+    #: which up-weights whole zero-shot-hard classes: sketch HM 61.1 vs 72.3 with "class", 3 seeds)
+    probing_normalize: str = "class"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +128,8 @@ class ISPConfig(IVLPConfig):
             raise ValueError(f"probing_temperature must be > 0, got {self.probing_temperature!r}")
         if not (math.isfinite(self.probing_gamma) and self.probing_gamma >= 0):
             raise ValueError(f"probing_gamma must be a finite number >= 0, got {self.probing_gamma!r}")
+        if self.probing_normalize not in ("class", "batch"):
+            raise ValueError(f"probing_normalize must be class or batch, got {self.probing_normalize!r}")
         if not (0.0 <= self.probing_mix <= 1.0):
             raise ValueError(f"probing_mix must be in [0, 1], got {self.probing_mix!r}")
         if not math.isfinite(self.gate_init):
@@ -183,6 +193,15 @@ def probing_weights(difficulty: torch.Tensor, mode: str, temperature: float = 1.
         w = (1.0 + d).pow(gamma)
         return w / w.mean()
     raise ValueError(f"unknown probing mode {mode!r}")
+
+
+def class_normalized_weights(weights: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``weights`` [B] divided by their mean over the samples of the same label (mean 1 within every class present;
+    fixed shapes, no host sync)."""
+    w = weights.detach()
+    sums = torch.zeros(num_classes, dtype=w.dtype, device=w.device).index_add_(0, labels, w)
+    counts = torch.zeros(num_classes, dtype=w.dtype, device=w.device).index_add_(0, labels, torch.ones_like(w))
+    return w / (sums / counts.clamp_min(1)).clamp_min(torch.finfo(w.dtype).tiny)[labels]
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -416,6 +435,8 @@ class ISP(IVLP):
                     p_pr = true_class_probability(logits.detach(), labels) if cfg.probing_mix > 0 else None
                     w = probing_weights(sample_difficulty(p_zs, p_pr, cfg.probing_mix), cfg.probing_mode,
                                         cfg.probing_temperature, cfg.probing_gamma)
+                    if cfg.probing_normalize == "class":
+                        w = class_normalized_weights(w, labels, logits.shape[-1])
                 loss = weighted_cross_entropy(logits, labels, w)
                 out.update(probing_weight_mean=w.mean(), probing_weight_max=w.max())
             else:
