@@ -77,3 +77,24 @@ def test_masking_keeps_the_bounded_number_of_patches_from_either_source(backbone
         dropped = [sorted(set(range(p)) - set(row.tolist())) for row in keep]
         for b in range(2):
             assert sal[b, dropped[b]].max() <= sal[b, keep[b]].min()
+
+
+def test_sr_l1_scale_makes_the_pull_per_unit_angle_width_independent():
+    """A fixed small rotation between unit vectors costs the same scaled L1 at D = 64 and D = 512."""
+    def rotated_pair(width, angle=0.05, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        a = F.normalize(torch.randn(256, width, generator=g), dim=-1)
+        r = torch.randn(256, width, generator=g)
+        r = F.normalize(r - (r * a).sum(-1, keepdim=True) * a, dim=-1)
+        return a, a * torch.cos(torch.tensor(angle)) + r * torch.sin(torch.tensor(angle))
+
+    costs = {}
+    for width in (64, 512):
+        a, b = rotated_pair(width)
+        costs[width] = (D.sr_l1_factor(width, "width") * F.l1_loss(a, b), F.l1_loss(a, b))
+    assert costs[64][1] / costs[512][1] > 2.5  # the raw mean L1: ~sqrt(8) stronger on 64-dim embeddings
+    assert abs(float(costs[64][0] / costs[512][0]) - 1.0) < 0.05
+    assert D.sr_l1_factor(512, "width") == 1.0 == D.sr_l1_factor(64, "none")
+    assert D.DiSaConfig().sr_l1_scale == "width"
+    with pytest.raises(ValueError, match="sr_l1_scale"):
+        D.DiSaConfig(sr_l1_scale="x")

@@ -19,6 +19,8 @@ What follows the paper:
 
 What is reconstructed [R]:
 * L_SR = PromptSRC's self-consistency (25 L1 text + 10 L1 image + KL on logits, template-ensemble text targets);
+  the L1 terms are scaled by sqrt(D / 512) so their pull per unit angle does not depend on the embedding width
+  (``sr_l1_scale``; no change at D = 512);
 * masking: saliency (``saliency_source``) = by default the frozen tower's last-layer attention from the class
   token to each patch (heads averaged): the patches the frozen model pools from, which follow the object on real
   CLIP, where final-layer patch-text cosines are noisy and often favour the background (CLIP Surgery, MaskCLIP);
@@ -100,6 +102,11 @@ class DiSaConfig(IVLPConfig):
     sr_text_weight: float = 25.0      #: [R] PromptSRC TEXT_LOSS_WEIGHT: w_t * L1(g_p, g_o^SR)
     sr_image_weight: float = 10.0     #: [R] PromptSRC IMAGE_LOSS_WEIGHT: w_i * L1(f_p, f_o)
     sr_logit_weight: float = 1.0      #: [R] weight of KL(softmax(zs) || softmax(p)) (PromptSRC: 1)
+    #: [R] width scaling of the two L1 terms: "width" multiplies them by sqrt(D / 512) (D = embedding width), so
+    #: they pull as hard per unit angle as PromptSRC's weights do on ViT-B/16 (D = 512: unchanged there); a mean L1
+    #: between unit vectors scales as 1 / sqrt(D), so on toy-clip (D = 64) the raw form is ~2.8x stronger
+    #: | "none": PromptSRC's raw mean L1 at any width
+    sr_l1_scale: str = "width"
     #: [R] L_SR text targets + zero-shot logits: "ensemble" (TEMPLATE_ENSEMBLE) | "single" (dataset template)
     sr_templates: str = "ensemble"
     # --- frozen text g_o used by CIR and saliency
@@ -154,6 +161,8 @@ class DiSaConfig(IVLPConfig):
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.mask_small_grid < 0:
             raise ValueError(f"mask_small_grid must be >= 0 (patches), got {self.mask_small_grid!r}")
+        if self.sr_l1_scale not in ("width", "none"):
+            raise ValueError(f"sr_l1_scale must be width or none, got {self.sr_l1_scale!r}")
         if self.cir_reduction not in ("numel", "batchmean"):
             raise ValueError(f"cir_reduction must be numel or batchmean, got {self.cir_reduction!r}")
         if self.saliency_source not in ("attention", "text"):
@@ -175,10 +184,25 @@ def promptsrc_logit_kl(logits_p: torch.Tensor, logits_zs: torch.Tensor) -> torch
                     log_target=True) / logits_p.numel()
 
 
+#: The embedding width PromptSRC's L1 weights were set on (CLIP ViT-B/16).
+SR_REFERENCE_WIDTH = 512
+
+
+def sr_l1_factor(width: int, mode: str) -> float:
+    """The factor on L_SR's L1 terms: sqrt(width / 512) for ``"width"`` (1 on ViT-B/16), 1 for ``"none"``."""
+    if mode == "width":
+        return math.sqrt(width / SR_REFERENCE_WIDTH)
+    if mode == "none":
+        return 1.0
+    raise ValueError(f"unknown L_SR L1 scale {mode!r}: use width or none")
+
+
 def sr_terms(f_p: torch.Tensor, g_p: torch.Tensor, f_o: torch.Tensor, g_o_sr: torch.Tensor, logits_p: torch.Tensor,
-             logits_zs: torch.Tensor, text_weight: float, image_weight: float, logit_weight: float):
-    """(w_t L1(g_p, g_o^SR), w_i L1(f_p, f_o), w_l KL(softmax(zs) || softmax(p))), L1 with mean reduction."""
-    return (text_weight * F.l1_loss(g_p, g_o_sr), image_weight * F.l1_loss(f_p, f_o),
+             logits_zs: torch.Tensor, text_weight: float, image_weight: float, logit_weight: float,
+             l1_factor: float = 1.0):
+    """(w_t a L1(g_p, g_o^SR), w_i a L1(f_p, f_o), w_l KL(softmax(zs) || softmax(p))), L1 with mean reduction,
+    a = ``l1_factor`` (:func:`sr_l1_factor`)."""
+    return (text_weight * l1_factor * F.l1_loss(g_p, g_o_sr), image_weight * l1_factor * F.l1_loss(f_p, f_o),
             logit_weight * promptsrc_logit_kl(logits_p, logits_zs))
 
 
@@ -426,7 +450,7 @@ class DiSa(IVLP):
             if cfg.use_sr:
                 zs = scale * f_o @ g_sr.t()
                 t, i, kl = sr_terms(f_p, g_p, f_o, g_sr, logits, zs, cfg.sr_text_weight, cfg.sr_image_weight,
-                                    cfg.sr_logit_weight)
+                                    cfg.sr_logit_weight, sr_l1_factor(f_p.shape[-1], cfg.sr_l1_scale))
                 terms.update(sr_text=t, sr_image=i, sr_logits=kl)
             if cfg.use_cir:
                 terms["cir"] = cfg.cir_weight * cir_loss(f_pm, g_o, f_o, g_p, scale, cfg.cir_reduction)
