@@ -137,12 +137,18 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig,
+                    lr_scales: Sequence[float] | None = None) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``params``; ``lr_scales`` (one per parameter, default 1) puts parameters with another
+    scale in their own group, whose ``lr_scale`` multiplies the schedule's lr."""
     if not params:
         raise ConfigError("this method has no trainable tensors; nothing to train (use it directly with eval/export)")
+    scales = [1.0] * len(params) if lr_scales is None else [float(x) for x in lr_scales]
+    groups = [{"params": [p for p, s in zip(params, scales) if s == scale], "lr_scale": scale}
+              for scale in dict.fromkeys(scales)]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -260,8 +266,9 @@ def train(
     amp_dtype = autocast_dtype(cfg.precision, device)
     seed_everything(cfg.seed)
     method.to(device)
-    params = list(method.trainable_parameters().values())
-    opt = build_optimizer(params, cfg)
+    named = method.trainable_parameters()
+    scales = method.parameter_lr_scales()
+    opt = build_optimizer(list(named.values()), cfg, [scales.get(n, 1.0) for n in named])
     callbacks = list(callbacks)
     steps_per_epoch = len(loader_factory(0))
     if steps_per_epoch == 0:
@@ -305,7 +312,7 @@ def train(
             if step >= total:
                 break
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
+                group["lr"] = lr_at(step, total, cfg) * group.get("lr_scale", 1.0)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             batch = TrainBatch(images=images, labels=labels, class_token_ids=class_token_ids)

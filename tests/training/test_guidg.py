@@ -343,3 +343,36 @@ def test_bundle_and_serving_reproduce_torch_logits_with_a_runtime_class(guidg_ru
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     assert cos.min() >= 0.9999
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=1e-4)
+
+
+def _head_spread_after_stage2(backbone, **overrides) -> float:
+    """Stage 2 at the official tower lr (AdamW 5e-6, 5 epochs of random batches), then max |w - 1/S| of the fixed
+    head on held-out images."""
+    torch.manual_seed(0)
+    m = build(backbone, averaging="none", **overrides)
+    stage = m.training_stages()[-1]
+    ctx = context(m, backbone)
+    m.enter_stage(stage, ctx)
+    tc = TrainConfig(epochs=5, batch_size=6, lr=m.config.finetune_lr, optimizer="adamw", weight_decay=0.1,
+                     precision="fp32", device="cpu")
+    train(m, random_batches(), ctx.class_token_ids, tc, progress=False)
+    m.end_stage(stage, ctx)
+    with torch.no_grad():
+        x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+        w = m.expert_weights(m.encode_image(x).float())
+    return float((w - 0.5).abs().max())
+
+
+def test_head_lr_and_temperature_let_the_head_move_away_from_uniform(backbone):
+    official = _head_spread_after_stage2(backbone)
+    learned = _head_spread_after_stage2(backbone, head_lr=0.01, head_temperature=0.1)
+    print(f"max |w - 1/2| after stage 2: official {official:.4f}, head_lr + temperature {learned:.4f}")
+    assert official < 0.05 and learned > 0.1 and learned > 4 * official
+    m = build(backbone, head_lr=0.01)
+    assert m.parameter_lr_scales() == {}  # stage 1: no head in the optimiser
+    m.enter_stage(m.training_stages()[-1], context(m, backbone))
+    assert m.parameter_lr_scales() == {n: 0.01 / 5e-6 for n in ("head.q_weight", "head.q_bias", "head.class_weight",
+                                                                "head.class_bias")}
+    for bad in ({"head_lr": 0.0}, {"head_temperature": 0.0}):
+        with pytest.raises(ConfigError, match="learning rates|head_temperature"):
+            build(backbone, **bad)

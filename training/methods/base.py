@@ -297,6 +297,11 @@ class PromptMethod(nn.Module):
         """The method-owned parameters the current stage trains (``requires_grad``), by namespaced name."""
         return {n: p for n, p in self.learned_parameters().items() if p.requires_grad}
 
+    def parameter_lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers of some trainable parameters (by the names of
+        :meth:`trainable_parameters`) for the current stage; the rest use the run's lr. Default: none."""
+        return {}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every method-owned learned tensor (:meth:`learned_parameters`), detached, contiguous, on CPU: what the
         artifact stores. For single-stage methods these are exactly the trainable parameters."""

@@ -104,6 +104,13 @@ class GuiDGConfig(MethodConfig):
     finetune_lr: float = 5e-6
     finetune_weight_decay: float = 0.1
     finetune_epochs: int | None = None
+    #: [R] the CMAttn head's own stage-2 lr (None: the stage's, as the official code). At the tower's lr (5e-6,
+    #: AdamW) no head parameter moves more than ~2.5e-4 over a run and the weights stay uniform (0.25 +- 0.01
+    #: for 4 experts); beyond the official code
+    head_lr: float | None = None
+    #: [R] temperature tau of the head's cosines: w = mean_h softmax_d(cos / tau) (official: 1, which caps the
+    #: weights near uniform since cos is in [-1, 1]); beyond the official code
+    head_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "domains", tuple(str(d) for d in self.domains))
@@ -122,21 +129,25 @@ class GuiDGConfig(MethodConfig):
                              "uniform weighting")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        if self.finetune_lr <= 0 or (self.expert_lr is not None and self.expert_lr <= 0):
+        if self.finetune_lr <= 0 or any(lr is not None and lr <= 0 for lr in (self.expert_lr, self.head_lr)):
             raise ValueError("learning rates must be > 0")
+        if not (math.isfinite(self.head_temperature) and self.head_temperature > 0):
+            raise ValueError(f"head_temperature must be > 0, got {self.head_temperature!r}")
 
 
 class CrossModalAttention(nn.Module):
     """GuiDG's CMAttn head (``CrossModalAttn(512, C, n_head=4)`` in the official ``models.py``).
 
     Per head h: q_h = W_h f + b_h; keys k_{h,d} = sum_c a_{h,c} T_d[c] + c_h (a ``Linear(C, 1)`` over the class
-    axis of expert d's class embeddings); w(x) = mean_h softmax_d(cos(q_h, k_{h,d})). Initialised like
+    axis of expert d's class embeddings); w(x) = mean_h softmax_d(cos(q_h, k_{h,d}) / tau) (tau = ``temperature``,
+    1 in the official code). Initialised like
     ``nn.Linear`` (uniform in +-1/sqrt(fan_in)). ``keys`` [H, S, D] holds the keys fixed from the training classes
     (:meth:`freeze_keys`); it is zero (uniform weights) until then.
     """
 
-    def __init__(self, dim: int, num_classes: int, num_experts: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_classes: int, num_experts: int, num_heads: int, temperature: float = 1.0) -> None:
         super().__init__()
+        self.temperature = float(temperature)
         bq, bk = 1.0 / math.sqrt(dim), 1.0 / math.sqrt(max(1, num_classes))
         self.q_weight = nn.Parameter(torch.empty(num_heads, dim, dim).uniform_(-bq, bq))  # [H, D_out, D_in]
         self.q_bias = nn.Parameter(torch.empty(num_heads, dim).uniform_(-bq, bq))  # [H, D]
@@ -165,6 +176,8 @@ class CrossModalAttention(nn.Module):
         qn = F.normalize(q, dim=-1).transpose(0, 1)  # [H, B, D]
         kn = F.normalize(keys.to(q.dtype), dim=-1).transpose(1, 2)  # [H, D, S]
         cos = torch.matmul(qn, kn)  # [H, B, S]
+        if self.temperature != 1.0:
+            cos = cos / self.temperature
         return cos.softmax(dim=-1).mean(dim=0)  # [B, S]
 
     @torch.no_grad()
@@ -202,7 +215,8 @@ class GuiDG(PromptMethod):
                                   f"{backbone.context_length}-token context")
             self.n_text_ctx = config.n_ctx
             dim = int(self.clip.text_projection.shape[-1])  # embedding dim D
-            self.head = CrossModalAttention(dim, config.num_classes, num_sets, config.num_heads)
+            self.head = CrossModalAttention(dim, config.num_classes, num_sets, config.num_heads,
+                                            config.head_temperature)
             self.head.requires_grad_(False)
             for p in self.experts:
                 p.requires_grad_(False)
@@ -290,6 +304,14 @@ class GuiDG(PromptMethod):
             self.head.keys.requires_grad_(False)
         if stage.name == "finetune" and ctx is not None:
             self.train_text = self._class_text(ctx.class_token_ids.to(self.logit_scale.device))
+
+    def parameter_lr_scales(self) -> dict[str, float]:
+        """Stage 2 with ``head_lr``: the head's parameters at head_lr (a multiple of the stage's finetune_lr)."""
+        cfg = self.config
+        if (self._stage is None or self._stage.name != "finetune" or not cfg.use_experts or cfg.head_lr is None
+                or cfg.weighting == "uniform"):
+            return {}
+        return {f"head.{n}": cfg.head_lr / cfg.finetune_lr for n, p in self.head.named_parameters() if p.requires_grad}
 
     def end_stage(self, stage: TrainStage, ctx: TrainContext | None) -> None:
         if (stage.name == "finetune" and self.config.use_experts and self.config.weighting != "uniform"
