@@ -108,7 +108,7 @@ class ISPConfig(IVLPConfig):
     probing_mix: float = 0.0
     #: [R] "class": weights divided by their mean over the batch's samples of the same class (mean 1 per class:
     #: hard samples up-weighted without shifting class priors) | "batch": mean 1 over the batch (the earlier form,
-    #: which up-weights whole zero-shot-hard classes: sketch HM 61.1 vs 72.3 with "class", 3 seeds)
+    #: which up-weights whole zero-shot-hard classes: sketch HM 61.1 vs 72.3 with "class", 3 seeds, issue 13)
     probing_normalize: str = "class"
 
     def __post_init__(self) -> None:
