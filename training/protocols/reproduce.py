@@ -14,7 +14,8 @@ The loops are those of :class:`training.protocols.runner.ProtocolRunner` (shared
 toyworld``): every finished (dataset, seed[, shots]) run is appended to ``OUT/runs.jsonl`` and skipped when the
 command runs again, so an interrupted reproduction resumes. Few-shot selections are cached per dataset/shots/seed as
 JSON. Datasets come from :func:`dataset_provider`: the registry names of ``training.data.list_datasets()`` plus the
-toy world (``toyworld-<style>``, ``toyworld-dg-<style>`` and, for ``multi-source-dg``, ``toyworld``; generated on
+toy world (``toyworld-<style>``, ``toyworld-disjoint-<style>`` (base/new split sharing no shape),
+``toyworld-dg-<style>`` and, for ``multi-source-dg``, ``toyworld``; generated on
 demand under ``ROOT/toyworld/``), so the whole pipeline can be exercised offline.
 """
 from __future__ import annotations
@@ -114,7 +115,8 @@ NAMING = RunNaming({
 
 
 def dataset_provider(root: str | Path) -> DatasetProvider:
-    """The benchmark catalog under ``root`` plus ``toyworld-<style>`` / ``toyworld-dg-<style>`` / ``toyworld``
+    """The benchmark catalog under ``root`` plus ``toyworld-<style>`` / ``toyworld-disjoint-<style>`` /
+    ``toyworld-dg-<style>`` / ``toyworld``
     (generated under ``root/toyworld/``)."""
     return CombinedProvider(ToyWorldProvider(Path(root) / "toyworld", prefix="toyworld-"), CatalogProvider(root))
 
