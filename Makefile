@@ -29,12 +29,22 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py --out bench_out
 
 # Base-to-novel on both toy-world splits (name, disjoint), 5 seeds, with the paired tables vs ivlp and zeroshot
-# and the pre-issue-13 forms of DiSa / ISP as ablations. Long: see README "The toy world"; resumes when rerun.
-BENCH_STEPS ?= 300
-BENCH_METHODS ?= zeroshot,coop,ivlp,disa,isp,isp[use_probing=false],isp[probing_normalize=batch],disa[cir_reduction=batchmean],disa[saliency_source=text],disa[mask_small_grid=0],disa[sr_l1_scale=none],disa[cir_reduction=batchmean,saliency_source=text,mask_small_grid=0,sr_l1_scale=none]
+# and the pre-issue-13 forms of DiSa / ISP as ablations (bench_methods/); the DiSa per-part ablations
+# (bench_disa_parts/, reusing bench_methods' finished zeroshot / ivlp / disa runs); CoOp against zero-shot on a
+# long schedule (bench_coop_long/). Each resumes when rerun.
+BENCH_SEEDS ?= 1,2,3,4,5
+BENCH_STEPS ?= 100
+BENCH_METHODS ?= zeroshot,coop,ivlp,disa,isp,isp[use_probing=false],isp[probing_normalize=batch],disa[cir_reduction=batchmean,saliency_source=text,mask_small_grid=0,sr_l1_scale=none]
+DISA_PARTS ?= zeroshot,ivlp,disa,disa[cir_reduction=batchmean],disa[saliency_source=text],disa[mask_small_grid=0],disa[sr_l1_scale=none],disa[use_cir=false],disa[use_dir=false],disa[use_sr=false]
+COOP_LONG_STEPS ?= 1000
 bench-methods: $(STAMP)
-	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds 1,2,3,4,5 \
+	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
 		--steps $(BENCH_STEPS) --methods '$(BENCH_METHODS)' --out bench_methods
+	mkdir -p bench_disa_parts && test -e bench_disa_parts/runs.jsonl || cp bench_methods/runs.jsonl bench_disa_parts/
+	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
+		--steps $(BENCH_STEPS) --methods '$(DISA_PARTS)' --out bench_disa_parts
+	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
+		--steps $(COOP_LONG_STEPS) --methods zeroshot,coop --out bench_coop_long
 
 clean:
-	rm -rf demo_out bench_out bench_methods .pytest_cache
+	rm -rf demo_out bench_out bench_methods bench_disa_parts bench_coop_long .pytest_cache
