@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptclip-installed
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test lint venv bench bench-methods clean
+.PHONY: demo test lint venv bench bench-methods bench-disa-parts bench-coop-long clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,9 +40,15 @@ COOP_LONG_STEPS ?= 1000
 bench-methods: $(STAMP)
 	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
 		--steps $(BENCH_STEPS) --methods '$(BENCH_METHODS)' --out bench_methods
-	mkdir -p bench_disa_parts && test -e bench_disa_parts/runs.jsonl || cp bench_methods/runs.jsonl bench_disa_parts/
+
+bench-disa-parts: $(STAMP)
+	mkdir -p bench_disa_parts
+	if [ ! -e bench_disa_parts/runs.jsonl ] && [ -e bench_methods/runs.jsonl ]; then \
+		cp bench_methods/runs.jsonl bench_disa_parts/; fi
 	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
 		--steps $(BENCH_STEPS) --methods '$(DISA_PARTS)' --out bench_disa_parts
+
+bench-coop-long: $(STAMP)
 	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
 		--steps $(COOP_LONG_STEPS) --methods zeroshot,coop --out bench_coop_long
 
