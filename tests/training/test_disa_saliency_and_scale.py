@@ -98,3 +98,10 @@ def test_sr_l1_scale_makes_the_pull_per_unit_angle_width_independent():
     assert D.DiSaConfig().sr_l1_scale == "width"
     with pytest.raises(ValueError, match="sr_l1_scale"):
         D.DiSaConfig(sr_l1_scale="x")
+
+
+def test_attention_saliency_refuses_other_attention_modules_with_the_option_to_use():
+    from training.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="saliency_source='text'"):
+        D.cls_attention_saliency(torch.nn.Identity(), torch.zeros(1, 5, 8))

@@ -57,6 +57,7 @@ from serving.format import canonical_class_name
 from training.backbone import Backbone
 from training.callbacks import Callback, GaussianPromptAggregation
 from training.devices import autocast_off
+from training.errors import ConfigError
 from training.methods.base import Capabilities, TrainBatch, TrainContext
 from training.methods.ivlp import IVLP, IVLPConfig
 from training.prompting.encoders import l2_normalize
@@ -266,9 +267,9 @@ def topk_saliency(tokens: torch.Tensor, text: torch.Tensor, frozen_logits: torch
 def cls_attention_saliency(attn: torch.nn.MultiheadAttention, hidden: torch.Tensor) -> torch.Tensor:
     """Class-token attention to each patch in ``attn`` (heads averaged): ``hidden`` is the block's attention
     input (after ``ln_1``) [B, 1 + P, W] with the class token first; returns [B, P] (softmax over all 1 + P keys)."""
-    if attn.in_proj_weight is None:
-        raise ValueError("attention saliency needs a packed in_proj_weight (same q/k/v width); use "
-                         "saliency_source='text'")
+    if not isinstance(attn, torch.nn.MultiheadAttention) or attn.in_proj_weight is None:
+        raise ConfigError(f"saliency_source='attention' needs torch MultiheadAttention with a packed in_proj_weight "
+                          f"in the last vision block, got {type(attn).__name__}; use saliency_source='text'")
     width, heads = hidden.shape[-1], attn.num_heads
     w, b = attn.in_proj_weight.float(), attn.in_proj_bias
     bq, bk = (None, None) if b is None else (b[:width].float(), b[width:2 * width].float())
