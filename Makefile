@@ -33,23 +33,24 @@ bench: $(STAMP)
 # (bench_disa_parts/, reusing bench_methods' finished zeroshot / ivlp / disa runs); CoOp against zero-shot on a
 # long schedule (bench_coop_long/). Each resumes when rerun.
 BENCH_SEEDS ?= 1,2,3,4,5
+BENCH_STYLES ?= clean,sketch,noisy,lowres,palette
 BENCH_STEPS ?= 100
 BENCH_METHODS ?= zeroshot,coop,ivlp,disa,isp,isp[use_probing=false],isp[probing_normalize=batch],disa[cir_reduction=batchmean,saliency_source=text,mask_small_grid=0,sr_l1_scale=none]
 DISA_PARTS ?= zeroshot,ivlp,disa,disa[cir_reduction=batchmean],disa[saliency_source=text],disa[mask_small_grid=0],disa[sr_l1_scale=none],disa[use_cir=false],disa[use_dir=false],disa[use_sr=false]
 COOP_LONG_STEPS ?= 1000
 bench-methods: $(STAMP)
-	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
+	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) --styles $(BENCH_STYLES) \
 		--steps $(BENCH_STEPS) --methods '$(BENCH_METHODS)' --out bench_methods
 
 bench-disa-parts: $(STAMP)
 	mkdir -p bench_disa_parts
 	if [ ! -e bench_disa_parts/runs.jsonl ] && [ -e bench_methods/runs.jsonl ]; then \
 		cp bench_methods/runs.jsonl bench_disa_parts/; fi
-	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
+	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) --styles $(BENCH_STYLES) \
 		--steps $(BENCH_STEPS) --methods '$(DISA_PARTS)' --out bench_disa_parts
 
 bench-coop-long: $(STAMP)
-	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) \
+	$(VENV)/bin/promptclip bench toyworld --protocols base2novel --splits name,disjoint --seeds $(BENCH_SEEDS) --styles $(BENCH_STYLES) \
 		--steps $(COOP_LONG_STEPS) --methods zeroshot,coop --out bench_coop_long
 
 clean:
