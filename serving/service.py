@@ -44,7 +44,7 @@ from .schemas import (
     HealthResponse,
     RemoveClassesResponse,
 )
-from .settings import ServiceSettings, threads_from_env
+from .settings import ServiceSettings, threads_from_env, workers_from_env
 
 __all__ = ["PromptclipService", "ServiceSettings", "ServiceConfigError", "UploadLimitMiddleware"]
 
@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
     name="promptclip",
     traffic={"timeout": 120},
     threads=threads_from_env(),
+    workers=workers_from_env(),
 )
 class PromptclipService:
     """Open-vocabulary image classification with runtime-extensible classes."""

@@ -8,6 +8,8 @@
 * ``PROMPTCLIP_MAX_UPLOAD_BYTES``: largest request body (default 32 MiB; answered with 413).
 * ``PROMPTCLIP_MAX_BATCH_IMAGES`` (default 32), ``PROMPTCLIP_RUNTIME`` (``auto``/``ort``),
   ``PROMPTCLIP_THREADS`` (request threads per worker, read when the service module is imported; default 4).
+* ``PROMPTCLIP_WORKERS``: worker processes (read when the service module is imported; default 1); all of them
+  share one class list through ``PROMPTCLIP_STATE_DIR``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from .errors import ServiceConfigError
 
 __all__ = ["ServiceSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_BATCH_IMAGES", "DEFAULT_THREADS",
-           "max_upload_bytes_from_env", "threads_from_env"]
+           "max_upload_bytes_from_env", "threads_from_env", "workers_from_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,3 +91,9 @@ def threads_from_env(environ: Mapping[str, str] | None = None) -> int:
     """``PROMPTCLIP_THREADS``: request threads per worker (default 4)."""
     env = os.environ if environ is None else environ
     return _env_int(env, "PROMPTCLIP_THREADS", DEFAULT_THREADS)
+
+
+def workers_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``PROMPTCLIP_WORKERS``: worker processes of ``bentoml serve`` (default 1)."""
+    env = os.environ if environ is None else environ
+    return _env_int(env, "PROMPTCLIP_WORKERS", 1)

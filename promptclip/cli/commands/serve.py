@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 from pathlib import Path
 
 from promptclip.cli.values import class_list
-from promptclip.server import SERVICE_ROOT, serve_command, serve_env
+from promptclip.server import SERVICE_ROOT, serve_command, serve_env, supervise
 from serving.bundle import load_bundle
 from serving.classifier import Classifier
 from serving.errors import PromptclipError
@@ -17,11 +16,17 @@ log = logging.getLogger("promptclip")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Run ``bentoml serve`` as a supervised process tree (stopped as a whole by SIGTERM/SIGINT)."""
     load_bundle(args.bundle)  # fail here, with a clear message, rather than inside the server
-    env = serve_env(args.bundle, args.state_dir, args.token)
-    cmd = serve_command(args.port, args.host, args.workers)
-    log.info("starting: %s (bundle %s)", " ".join(cmd), env["PROMPTCLIP_BUNDLE"])
-    return subprocess.call(cmd, env=env, cwd=str(SERVICE_ROOT))
+    if args.workers is not None and args.workers < 1:
+        raise PromptclipError(f"--workers must be >= 1, got {args.workers}")
+    if (args.workers or 1) > 1 and not args.state_dir:
+        raise PromptclipError(f"--workers {args.workers} needs --state-dir: the workers share the class list "
+                              "through it (without one each worker would keep its own)")
+    env = serve_env(args.bundle, args.state_dir, args.token, workers=args.workers)
+    cmd = serve_command(args.port, args.host)
+    log.info("starting: %s (bundle %s, %s worker(s))", " ".join(cmd), env["PROMPTCLIP_BUNDLE"], args.workers or 1)
+    return supervise(cmd, env, SERVICE_ROOT)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:

@@ -1,0 +1,139 @@
+"""`promptclip serve` as real processes: signals stop the whole tree, start-up faults exit non-zero, workers, replicas.
+
+Each test starts real ``bentoml serve`` processes (a few seconds each on 2 cores), so they are few and share the
+synthetic bundle of ``conftest.py``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from promptclip.server import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "proc-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTCLIP_")}
+    env.update({"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true", **extra})
+    return env
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Serve:
+    """``python -m promptclip serve ...`` as a real process (its own session, so signals go to it alone)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "promptclip", "serve", "--port", str(self.port), *args],
+                                     env=env or _env(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=str(log.parent))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}: {self.log()}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"not ready after {timeout:.0f}s: {self.log()}")
+
+    def kill(self) -> None:
+        for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+
+@contextmanager
+def serving(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[Serve]:
+    server = Serve(args, log, env)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_whole_tree_and_frees_the_port(sig, synthetic_bundle, tmp_path):
+    with serving(["--bundle", str(synthetic_bundle.path), "--state-dir", str(tmp_path / "state"),
+                  "--token", TOKEN], tmp_path / "serve.log") as server:
+        server.wait_ready()
+        tree = _descendants(server.proc.pid)
+        assert tree, "bentoml serve runs below promptclip serve"
+        t0 = time.monotonic()
+        server.proc.send_signal(sig)
+        rc = server.proc.wait(timeout=30)
+        took = time.monotonic() - t0
+        assert rc == 0, server.log()
+        left = [p for p in tree if _alive(p)]
+        assert not left, f"still running after {signal.Signals(sig).name}: {left}"
+        assert took < 15, f"stopping took {took:.1f}s"
+        deadline = time.monotonic() + 5
+        while not _port_free(server.port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _port_free(server.port), f"port {server.port} still bound after the stop"
