@@ -24,6 +24,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,12 +41,15 @@ except ImportError:  # pragma: no cover - Windows
 if TYPE_CHECKING:
     from .tokenizer import ClipTokenizer
 
-__all__ = ["ClassRegistry", "ClassStateError", "STATE_FILE", "MAX_NAME_CHARS"]
+__all__ = ["ClassRegistry", "ClassStateError", "STATE_FILE", "MARKER_FILE", "MAX_NAME_CHARS"]
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "classes.json"
 LOCK_FILE = "classes.lock"
+#: Written next to the state file when it is first created: a state dir holding this marker but no state file has
+#: lost its state, which is refused unless the caller says to start empty (``start_empty=True``).
+MARKER_FILE = "classes.created"
 #: Longest class name accepted, in characters (after whitespace normalisation).
 MAX_NAME_CHARS = 200
 _RESERVED_TOKENS = ("<start_of_text>", "<end_of_text>")
@@ -70,6 +74,9 @@ class ClassRegistry:
         tokenizer: the bundle's tokenizer; names must fit its ``context_length`` inside ``template``.
         template: the text template (``"{}"`` marks the name) the names are encoded with.
         max_classes: most classes :meth:`add` lets the list grow to.
+        start_empty: start again from ``initial_names`` when ``state_dir`` once held a state file that is now
+            missing (by default that is refused with :class:`ClassStateError`: the classes added at runtime would be
+            lost silently).
     """
 
     def __init__(
@@ -80,6 +87,7 @@ class ClassRegistry:
         tokenizer: ClipTokenizer,
         template: str,
         max_classes: int = 10000,
+        start_empty: bool = False,
     ) -> None:
         if "{}" not in template:
             raise ValueError(f"template must contain '{{}}' where the class name goes, got {template!r}")
@@ -109,9 +117,24 @@ class ClassRegistry:
                 version, names, sig = self._read_state()
                 self._names, self._version, self._sig = names, version, sig
                 logger.info("loaded %d classes (version %d) from %s", len(names), version, self.state_path)
+                marker = self.state_dir / MARKER_FILE
+                if not marker.exists():  # a state dir from before the marker existed
+                    with contextlib.suppress(ClassStateError):
+                        _write_marker(marker)
             else:
+                marker = self.state_dir / MARKER_FILE
+                if marker.exists() and not start_empty:
+                    raise ClassStateError(
+                        f"class state file {self.state_path} is missing, but this state directory held one (created "
+                        f"{_read_marker(marker)}): the classes added at runtime would be lost. Restore the file from "
+                        "a backup, or start again from the bundle's classes on purpose with `promptclip serve "
+                        "--start-empty` (PROMPTCLIP_START_EMPTY=1).")
+                if marker.exists():
+                    logger.warning("class state file %s is missing: starting again from the bundle's %d classes "
+                                   "(start_empty)", self.state_path, len(initial))
                 self._write_state(1, initial)
                 self._names, self._version = initial, 1
+                _write_marker(marker)
                 logger.info("created %s with the bundle's %d classes", self.state_path, len(initial))
 
     # -- properties ----------------------------------------------------------------------------
@@ -120,6 +143,11 @@ class ClassRegistry:
     def state_path(self) -> Path | None:
         """``state_dir/classes.json``, or ``None`` for an in-memory registry."""
         return self.state_dir / STATE_FILE if self.state_dir is not None else None
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        """The bundle's tokenizer names are checked with."""
+        return self._tokenizer
 
     @property
     def template(self) -> str:
@@ -439,6 +467,20 @@ def _warn_case_twins(registered: Sequence[str], new: Sequence[str]) -> None:
         if twin != name:
             logger.warning("class %s differs from %s only in case: both get the same embedding (CLIP lowercases "
                            "class names)", _preview(name), _preview(twin))
+
+
+def _write_marker(path: Path) -> None:
+    try:
+        path.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ClassStateError(f"Cannot write {path}: {exc}; check the state directory's permissions") from exc
+
+
+def _read_marker(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "at an unknown time"
+    except OSError:
+        return "at an unknown time"
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:

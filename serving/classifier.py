@@ -34,7 +34,7 @@ from .preprocess import decode_image, preprocess
 from .runtime import Runtime, create_runtime
 from .tokenizer import ClipTokenizer
 
-__all__ = ["Classifier", "DEFAULT_TOP_K"]
+__all__ = ["Classifier", "DEFAULT_TOP_K", "open_class_registry"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class Classifier:
         max_adhoc_classes: int = 1000,
         max_image_bytes: int | None = None,
         warmup: bool = True,
+        start_empty: bool = False,
     ) -> Classifier:
         """Load the bundle in ``bundle_dir`` and build runtime, tokenizer and registry.
 
@@ -110,6 +111,7 @@ class Classifier:
             state_dir: where the class list persists (``None``: in memory, lost on restart).
             runtime: ``"auto"`` or ``"ort"`` (see :func:`~serving.runtime.create_runtime`).
             warmup: encode the registry's runtime-added classes now rather than on the first request.
+            start_empty: see :class:`~serving.classes.ClassRegistry` (a lost state file is refused without it).
         """
         bundle = load_bundle(bundle_dir, verify_hashes=verify_hashes)
         kwargs: dict[str, Any] = {}
@@ -117,14 +119,9 @@ class Classifier:
             kwargs["providers"] = providers
         if intra_op_threads is not None:
             kwargs["intra_op_threads"] = intra_op_threads
+        registry = open_class_registry(bundle, state_dir, max_classes=max_classes, start_empty=start_empty)
+        tokenizer = registry.tokenizer
         rt = create_runtime(bundle, runtime, **kwargs)
-        try:
-            tokenizer = ClipTokenizer(bundle.vocab_path, context_length=bundle.context_length)
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"cannot load the bundle's tokenizer vocabulary {bundle.vocab_path}: {exc}; "
-                              "re-export the bundle") from exc
-        registry = ClassRegistry(state_dir, bundle.class_names, tokenizer=tokenizer,
-                                 template=_longest_template(bundle.templates, tokenizer), max_classes=max_classes)
         clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes,
                   max_image_bytes=max_image_bytes)
         if warmup:
@@ -350,6 +347,21 @@ class Classifier:
             "num_prompt_sets": self._num_sets,
             "prompt_sets": self.bundle.prompt_set_names,
         }
+
+
+def open_class_registry(bundle: Bundle, state_dir: str | os.PathLike | None, *, max_classes: int = 10000,
+                        start_empty: bool = False) -> ClassRegistry:
+    """The bundle's tokenizer and the class registry in ``state_dir`` (no inference runtime: cheap enough for a
+    pre-flight check of the state before a server starts). Raises :class:`~serving.classes.ClassStateError` for a
+    corrupt, unreadable or lost state file."""
+    try:
+        tokenizer = ClipTokenizer(bundle.vocab_path, context_length=bundle.context_length)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot load the bundle's tokenizer vocabulary {bundle.vocab_path}: {exc}; "
+                          "re-export the bundle") from exc
+    return ClassRegistry(state_dir, bundle.class_names, tokenizer=tokenizer,
+                         template=_longest_template(bundle.templates, tokenizer), max_classes=max_classes,
+                         start_empty=start_empty)
 
 
 def _longest_template(templates: Sequence[str], tokenizer: ClipTokenizer) -> str:

@@ -26,7 +26,7 @@ import bentoml
 
 from .classifier import Classifier
 from .errors import AuthError, PromptclipError, RequestError, ServiceConfigError
-from .http_errors import error_response, http_status
+from .http_errors import http_status, public_error_response
 from .request_parsing import (
     ClassifyBatchInput,
     ClassifyInput,
@@ -72,7 +72,8 @@ class PromptclipService:
         self.settings = ServiceSettings.from_env()
         s = self.settings
         self.classifier = Classifier.from_bundle(
-            s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes)
+            s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
+            start_empty=s.start_empty)
         if s.api_token is None:
             logger.warning("PROMPTCLIP_API_TOKEN is not set: /add_classes and /remove_classes are open to every "
                            "client that can reach this service")
@@ -81,6 +82,16 @@ class PromptclipService:
         info = self.classifier.info()
         logger.info("promptclip service ready: method=%s, %d classes, runtime=%s %s", info["method"],
                     info["num_classes"], info["runtime"], info["providers"])
+
+    def __is_ready__(self) -> bool:
+        """Readiness (BentoML's ``GET /readyz``): bundle loaded, runtime warm (both done in ``__init__``) and the
+        class state readable right now; a corrupt state file makes it fail (503) until it is fixed."""
+        try:
+            self.classifier.registry.refresh()
+        except PromptclipError as exc:
+            logger.error("not ready: %s", exc)
+            return False
+        return True
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -102,7 +113,7 @@ class PromptclipService:
                 logger.debug("%s %s -> %d %s: %s", ctx.request.method, ctx.request.url.path, status,
                              type(exc).__name__, exc)
             ctx.response.status_code = status  # BentoML copies the context status onto the response
-            return error_response(exc)
+            return public_error_response(exc)
 
     def _check_auth(self, ctx: bentoml.Context) -> None:
         token = self.settings.api_token

@@ -5,6 +5,8 @@
   unset = changes live in memory of each worker and are lost on restart.
 * ``PROMPTCLIP_API_TOKEN``: when set, ``/add_classes`` and ``/remove_classes`` need
   ``Authorization: Bearer <token>``; reads stay open.
+* ``PROMPTCLIP_START_EMPTY`` (``1``/``true``): start again from the bundle's classes when the state directory once
+  held a state file that is now missing (refused otherwise).
 * ``PROMPTCLIP_MAX_UPLOAD_BYTES``: largest request body (default 32 MiB; answered with 413).
 * ``PROMPTCLIP_MAX_BATCH_IMAGES`` (default 32), ``PROMPTCLIP_RUNTIME`` (``auto``/``ort``),
   ``PROMPTCLIP_THREADS`` (request threads per worker, read when the service module is imported; default 4).
@@ -45,6 +47,15 @@ def _env_int(environ: Mapping[str, str], name: str, default: int, *, minimum: in
     return value
 
 
+def _env_bool(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ServiceConfigError(f"{name}={raw!r} is not a boolean; set it to 1 or 0")
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """Service configuration, normally from ``PROMPTCLIP_*`` environment variables."""
@@ -55,6 +66,7 @@ class ServiceSettings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
     runtime: str = "auto"
+    start_empty: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -78,6 +90,7 @@ class ServiceSettings:
             max_upload_bytes=max_upload_bytes_from_env(env),
             max_batch_images=_env_int(env, "PROMPTCLIP_MAX_BATCH_IMAGES", DEFAULT_MAX_BATCH_IMAGES),
             runtime=env.get("PROMPTCLIP_RUNTIME", "auto").strip() or "auto",
+            start_empty=_env_bool(env, "PROMPTCLIP_START_EMPTY"),
         )
 
 

@@ -184,7 +184,7 @@ def test_corrupt_state_file_is_refused_and_kept(make, tmp_path, content):
         make(tmp_path)
     msg = str(info.value)
     assert str(path) in msg and "Move it away" in msg
-    assert http_status(info.value) == 500
+    assert http_status(info.value) == 503  # issue 16: not ready while the class state is unreadable
     assert path.read_text() == content  # never overwritten
 
 
@@ -270,3 +270,18 @@ def test_acknowledged_add_survives_kill_9(tmp_path):
     tok = ClipTokenizer(default_vocab_path())
     reg = ClassRegistry(tmp_path, ["other"], tokenizer=tok, template=TEMPLATE)
     assert reg.names() == [*INITIAL, "zebra"] and reg.version == 2
+
+
+def test_a_lost_state_file_is_refused_unless_starting_empty(tmp_path, make):
+    """Issue 16: a state dir that once held classes.json but lost it does not start silently from the bundle."""
+    from serving.classes import MARKER_FILE
+
+    reg = make(tmp_path)
+    reg.add(["zebra"])
+    assert (tmp_path / MARKER_FILE).exists()
+    (tmp_path / STATE_FILE).unlink()
+    with pytest.raises(ClassStateError, match="is missing.*--start-empty"):
+        make(tmp_path)
+    assert not (tmp_path / STATE_FILE).exists()
+    assert make(tmp_path, start_empty=True).names() == INITIAL
+    assert make(tmp_path / "new").names() == INITIAL  # a fresh directory needs no flag

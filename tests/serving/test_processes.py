@@ -5,6 +5,7 @@ synthetic bundle of ``conftest.py``.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -137,3 +138,33 @@ def test_a_signal_stops_the_whole_tree_and_frees_the_port(sig, synthetic_bundle,
         while not _port_free(server.port) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _port_free(server.port), f"port {server.port} still bound after the stop"
+
+
+def _serve_exits(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "promptclip", "serve", "--port", str(free_port()), *args],
+                          env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT))
+
+
+def test_a_bad_state_file_stops_start_up_with_its_message(synthetic_bundle, tmp_path):
+    """Corrupt, unreadable or lost state: `promptclip serve` exits non-zero at once with the message (no server
+    that crash-loops and hangs); a lost state file is only replaced with --start-empty."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "classes.json").write_text("{oops")
+    proc = _serve_exits(["--bundle", str(synthetic_bundle.path), "--state-dir", str(state)])
+    assert proc.returncode != 0 and "is corrupt" in proc.stderr and "Move it away" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    (state / "classes.json").write_text(json.dumps(
+        {"format": "promptclip.classes", "format_version": 1, "version": 4, "names": ["cat", "zebra"]}))
+    if os.geteuid() != 0:  # root reads a mode-000 file anyway
+        (state / "classes.json").chmod(0)
+        proc = _serve_exits(["--bundle", str(synthetic_bundle.path), "--state-dir", str(state)])
+        assert proc.returncode != 0 and "Cannot read class state file" in proc.stderr, proc.stderr
+        (state / "classes.json").chmod(0o644)
+
+    (state / "classes.created").write_text("2026-01-01T00:00:00Z\n")
+    (state / "classes.json").unlink()
+    proc = _serve_exits(["--bundle", str(synthetic_bundle.path), "--state-dir", str(state)])
+    assert proc.returncode != 0 and "is missing" in proc.stderr and "--start-empty" in proc.stderr, proc.stderr
+    assert not (state / "classes.json").exists(), "nothing is written when the start is refused"

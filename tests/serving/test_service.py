@@ -20,7 +20,7 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_UPLOAD = 200_000
 ENV_KEYS = ("PROMPTCLIP_BUNDLE", "PROMPTCLIP_STATE_DIR", "PROMPTCLIP_API_TOKEN", "PROMPTCLIP_MAX_UPLOAD_BYTES",
-            "PROMPTCLIP_MAX_BATCH_IMAGES", "PROMPTCLIP_RUNTIME")
+            "PROMPTCLIP_MAX_BATCH_IMAGES", "PROMPTCLIP_RUNTIME", "PROMPTCLIP_START_EMPTY")
 
 
 _APP = None
@@ -335,15 +335,24 @@ def test_settings_from_env(tmp_path):
     assert s.api_token is None and s.state_dir is None and s.runtime == "auto"
 
 
-def test_open_service_and_state_errors(synthetic_bundle, tmp_path):
-    """Without a token mutations are open; a corrupt state file is a 500 with a clear JSON body."""
+def test_open_service_and_state_errors(synthetic_bundle, tmp_path, caplog):
+    """Without a token mutations are open; a state file corrupted while serving makes readiness fail and every
+    request that needs the class list answer 503 with a JSON body that holds no server path (the log has it)."""
     env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path)}
     with running(env) as c:
         resp = c.post("/add_classes", json={"names": ["zebra"]})
         assert resp.status_code == 200 and resp.json()["version"] == 2
+        assert c.get("/readyz").status_code == 200
         (tmp_path / "classes.json").write_text("{oops")
-        body = assert_error(c.post("/classes"), 500, "ClassStateError", contains="Move it away")
-        assert str(tmp_path / "classes.json") in body["message"]
+        body = assert_error(c.post("/classes"), 503, "ClassStateError", contains="not ready")
+        assert str(tmp_path) not in json.dumps(body) and "/" not in body["message"]
+        assert c.get("/readyz").status_code == 503
+        assert any("Move it away" in r.getMessage() and str(tmp_path / "classes.json") in r.getMessage()
+                   for r in caplog.records), "the operator's log names the file and the fix"
+        (tmp_path / "classes.json").write_text(json.dumps(
+            {"format": "promptclip.classes", "format_version": 1, "version": 3, "names": ["cat", "dog"]}))
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/classes").json()["names"] == ["cat", "dog"]
 
 
 def test_service_import_and_classification_are_torch_free(synthetic_bundle, multiset_bundle, image_bytes,

@@ -9,7 +9,7 @@ from pathlib import Path
 from promptclip.cli.values import class_list
 from promptclip.server import SERVICE_ROOT, serve_command, serve_env, supervise
 from serving.bundle import load_bundle
-from serving.classifier import Classifier
+from serving.classifier import Classifier, open_class_registry
 from serving.errors import PromptclipError
 
 log = logging.getLogger("promptclip")
@@ -17,13 +17,16 @@ log = logging.getLogger("promptclip")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run ``bentoml serve`` as a supervised process tree (stopped as a whole by SIGTERM/SIGINT)."""
-    load_bundle(args.bundle)  # fail here, with a clear message, rather than inside the server
+    bundle = load_bundle(args.bundle)  # fail here, with a clear message, rather than inside the server
     if args.workers is not None and args.workers < 1:
         raise PromptclipError(f"--workers must be >= 1, got {args.workers}")
     if (args.workers or 1) > 1 and not args.state_dir:
         raise PromptclipError(f"--workers {args.workers} needs --state-dir: the workers share the class list "
                               "through it (without one each worker would keep its own)")
-    env = serve_env(args.bundle, args.state_dir, args.token, workers=args.workers)
+    if args.state_dir:  # a corrupt, unreadable or lost state file stops here (non-zero exit, the message)
+        open_class_registry(bundle, args.state_dir, start_empty=args.start_empty)
+    extra = {"PROMPTCLIP_START_EMPTY": "1"} if args.start_empty else {}
+    env = serve_env(args.bundle, args.state_dir, args.token, workers=args.workers, extra=extra)
     cmd = serve_command(args.port, args.host)
     log.info("starting: %s (bundle %s, %s worker(s))", " ".join(cmd), env["PROMPTCLIP_BUNDLE"], args.workers or 1)
     return supervise(cmd, env, SERVICE_ROOT)

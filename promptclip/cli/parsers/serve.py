@@ -14,7 +14,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--state-dir", help="where runtime class additions are persisted")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)
-    s.add_argument("--workers", type=int, help="number of API worker processes")
+    s.add_argument("--workers", type=int, help="number of API worker processes (several need --state-dir)")
+    s.add_argument("--start-empty", action="store_true",
+                   help="start again from the bundle's classes when the state dir's class file is missing "
+                        "(refused otherwise: the classes added at runtime would be lost)")
     s.add_argument("--token", default=os.environ.get("PROMPTCLIP_API_TOKEN"),
                    help="bearer token required by mutating endpoints (default: $PROMPTCLIP_API_TOKEN)")
     s.set_defaults(handler=(HANDLERS, "cmd_serve"))
