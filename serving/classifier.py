@@ -28,9 +28,9 @@ from PIL import Image
 
 from .bundle import Bundle, load_bundle, load_class_embeddings
 from .classes import ClassRegistry
-from .errors import BundleError, ImageDecodeError, RequestError
+from .errors import BundleError, ImageDecodeError, PayloadTooLargeError, RequestError
 from .format import class_name_key
-from .preprocess import decode_image, preprocess
+from .preprocess import decode_image, decoded_size, preprocess
 from .runtime import Runtime, create_runtime
 from .tokenizer import ClipTokenizer
 
@@ -44,6 +44,15 @@ DEFAULT_TOP_K = 5
 TEXT_BATCH = 256
 #: Images per ``run_image`` call.
 IMAGE_BATCH = 32
+#: Most names one ``add_classes`` call may carry (each is encoded by the text graph: ~7 ms per name on a CPU for
+#: ViT-B/16), and most ad-hoc classes one ``classify`` call may list.
+DEFAULT_MAX_ADD_NAMES = 256
+DEFAULT_MAX_ADHOC_CLASSES = 256
+#: Most decoded pixels one request's images may hold together (RGB: 3 bytes each, so 120 MB).
+DEFAULT_MAX_REQUEST_PIXELS = 40_000_000
+#: A JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) while both sides stay >= this many times the model's input
+#: size, so the antialiased resize that follows still has at least this factor of oversampling.
+DRAFT_MARGIN = 2
 
 
 class Classifier:
@@ -54,7 +63,10 @@ class Classifier:
     Args:
         bundle, runtime, registry, tokenizer: the parts (see :meth:`from_bundle`).
         max_adhoc_classes: most classes one request may list in ``class_names``.
+        max_add_names: most names one :meth:`add_classes` call may carry.
         max_image_bytes, max_image_pixels: limits for :meth:`classify_bytes` (``None``: decode_image's defaults).
+        max_request_pixels: most decoded pixels of all images of one :meth:`classify_bytes` call together
+            (after JPEG draft reduction); checked from the headers before anything is decoded.
         cache_size: most runtime-encoded class embeddings kept in memory (LRU).
     """
 
@@ -65,9 +77,11 @@ class Classifier:
         registry: ClassRegistry,
         tokenizer: ClipTokenizer,
         *,
-        max_adhoc_classes: int = 1000,
+        max_adhoc_classes: int = DEFAULT_MAX_ADHOC_CLASSES,
+        max_add_names: int = DEFAULT_MAX_ADD_NAMES,
         max_image_bytes: int | None = None,
         max_image_pixels: int | None = None,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         cache_size: int = 20000,
     ) -> None:
         self.bundle = bundle
@@ -77,6 +91,10 @@ class Classifier:
         self.max_adhoc_classes = int(max_adhoc_classes)
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_add_names = int(max_add_names)
+        self.max_request_pixels = int(max_request_pixels)
+        height, width = bundle.preprocessing.image_size
+        self._draft_to = (DRAFT_MARGIN * int(width), DRAFT_MARGIN * int(height))
         self._num_sets = bundle.num_prompt_sets
         self._templates = bundle.templates
         self._logit_scale = np.float32(bundle.logit_scale)
@@ -100,8 +118,10 @@ class Classifier:
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
         max_classes: int = 10000,
-        max_adhoc_classes: int = 1000,
+        max_adhoc_classes: int = DEFAULT_MAX_ADHOC_CLASSES,
+        max_add_names: int = DEFAULT_MAX_ADD_NAMES,
         max_image_bytes: int | None = None,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         warmup: bool = True,
         start_empty: bool = False,
     ) -> Classifier:
@@ -122,8 +142,8 @@ class Classifier:
         registry = open_class_registry(bundle, state_dir, max_classes=max_classes, start_empty=start_empty)
         tokenizer = registry.tokenizer
         rt = create_runtime(bundle, runtime, **kwargs)
-        clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes,
-                  max_image_bytes=max_image_bytes)
+        clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes, max_add_names=max_add_names,
+                  max_image_bytes=max_image_bytes, max_request_pixels=max_request_pixels)
         if warmup:
             clf._active_classes()
         return clf
@@ -177,11 +197,12 @@ class Classifier:
     def classify_bytes(self, blobs: Sequence[bytes], **kw: Any) -> list[list[dict]]:
         """:func:`~serving.preprocess.decode_image` each blob, then :meth:`classify` (same keyword arguments)."""
         blobs = list(blobs)
-        limits: dict[str, int] = {}
+        limits: dict[str, Any] = {"draft_to": self._draft_to}
         if self.max_image_bytes is not None:
             limits["max_bytes"] = self.max_image_bytes
         if self.max_image_pixels is not None:
             limits["max_pixels"] = self.max_image_pixels
+        self._check_pixel_budget(blobs)
         images = []
         for i, blob in enumerate(blobs):
             try:
@@ -191,6 +212,21 @@ class Classifier:
                     raise
                 raise ImageDecodeError(f"image {i + 1} of {len(blobs)}: {exc}", field=exc.field) from exc
         return self.classify(images, **kw)
+
+    def _check_pixel_budget(self, blobs: Sequence[bytes]) -> None:
+        """Refuse (413) a request whose images would decode to more than ``max_request_pixels`` together, from their
+        headers alone (JPEGs at their draft-reduced size)."""
+        total = 0
+        for blob in blobs:
+            size = decoded_size(blob, draft_to=self._draft_to) if isinstance(blob, (bytes, bytearray)) else None
+            if size is not None:
+                total += size[0] * size[1]
+        if total > self.max_request_pixels:
+            raise PayloadTooLargeError(
+                f"the request's {len(blobs)} image(s) decode to {total:,} pixels together; one request may hold at "
+                f"most {self.max_request_pixels:,} (PROMPTCLIP_MAX_REQUEST_PIXELS): send smaller images (JPEGs are "
+                "reduced while decoding, other formats are not) or fewer per request",
+                field="image" if len(blobs) == 1 else "images")
 
     def _check_top_k(self, top_k: int | None, num_classes: int) -> int:
         if top_k is None:
@@ -243,9 +279,9 @@ class Classifier:
             raise RequestError("classes is empty: give at least one class name, or omit it to use the registered "
                                "classes", field="classes")
         if len(class_names) > self.max_adhoc_classes:
-            raise RequestError(
+            raise PayloadTooLargeError(
                 f"classes lists {len(class_names)} names; one request may list at most {self.max_adhoc_classes} -- "
-                "register large class lists with /add_classes instead", field="classes")
+                "register large class lists with /add_classes instead (PROMPTCLIP_MAX_ADHOC_CLASSES)", field="classes")
         names = self.registry.normalize_names(class_names, field="classes")
         return names, self._embeddings_for(names)
 
@@ -313,6 +349,10 @@ class Classifier:
 
     def add_classes(self, names: Sequence[str]) -> dict:
         """Register new classes (encoded before they are persisted); ``{"added", "version", "num_classes"}``."""
+        if isinstance(names, Sequence) and not isinstance(names, (str, bytes)) and len(names) > self.max_add_names:
+            raise PayloadTooLargeError(
+                f"{len(names)} names in one request; at most {self.max_add_names} may be added at once "
+                "(PROMPTCLIP_MAX_ADD_NAMES): split the list into several requests", field="names")
         normalised = self.registry.normalize_names(names, field="names")
         self._embeddings_for(normalised)  # encoder problems surface before the change is persisted
         added = self.registry.add(normalised)

@@ -73,7 +73,8 @@ class PromptclipService:
         s = self.settings
         self.classifier = Classifier.from_bundle(
             s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
-            start_empty=s.start_empty)
+            start_empty=s.start_empty, max_add_names=s.max_add_names, max_adhoc_classes=s.max_adhoc_classes,
+            max_request_pixels=s.max_request_pixels, max_classes=s.max_classes)
         if s.api_token is None:
             logger.warning("PROMPTCLIP_API_TOKEN is not set: /add_classes and /remove_classes are open to every "
                            "client that can reach this service")

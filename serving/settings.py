@@ -8,6 +8,11 @@
 * ``PROMPTCLIP_START_EMPTY`` (``1``/``true``): start again from the bundle's classes when the state directory once
   held a state file that is now missing (refused otherwise).
 * ``PROMPTCLIP_MAX_UPLOAD_BYTES``: largest request body (default 32 MiB; answered with 413).
+* ``PROMPTCLIP_MAX_ADD_NAMES`` (default 256): names per ``/add_classes`` request; ``PROMPTCLIP_MAX_ADHOC_CLASSES``
+  (default 256): ad-hoc ``classes`` per classify request; both answered with 413 before anything is encoded.
+* ``PROMPTCLIP_MAX_REQUEST_PIXELS`` (default 40,000,000): decoded pixels of one request's images together (JPEGs
+  count at the reduced scale they are decoded at); 413 from the headers, before decoding.
+* ``PROMPTCLIP_MAX_CLASSES`` (default 10,000): most classes the registered list may hold.
 * ``PROMPTCLIP_MAX_BATCH_IMAGES`` (default 32), ``PROMPTCLIP_RUNTIME`` (``auto``/``ort``),
   ``PROMPTCLIP_THREADS`` (request threads per worker, read when the service module is imported; default 4).
 * ``PROMPTCLIP_WORKERS``: worker processes (read when the service module is imported; default 1); all of them
@@ -67,6 +72,10 @@ class ServiceSettings:
     max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
     runtime: str = "auto"
     start_empty: bool = False
+    max_add_names: int = 256
+    max_adhoc_classes: int = 256
+    max_request_pixels: int = 40_000_000
+    max_classes: int = 10_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -91,6 +100,10 @@ class ServiceSettings:
             max_batch_images=_env_int(env, "PROMPTCLIP_MAX_BATCH_IMAGES", DEFAULT_MAX_BATCH_IMAGES),
             runtime=env.get("PROMPTCLIP_RUNTIME", "auto").strip() or "auto",
             start_empty=_env_bool(env, "PROMPTCLIP_START_EMPTY"),
+            max_add_names=_env_int(env, "PROMPTCLIP_MAX_ADD_NAMES", cls.max_add_names),
+            max_adhoc_classes=_env_int(env, "PROMPTCLIP_MAX_ADHOC_CLASSES", cls.max_adhoc_classes),
+            max_request_pixels=_env_int(env, "PROMPTCLIP_MAX_REQUEST_PIXELS", cls.max_request_pixels),
+            max_classes=_env_int(env, "PROMPTCLIP_MAX_CLASSES", cls.max_classes),
         )
 
 
