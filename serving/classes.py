@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover - Windows
 if TYPE_CHECKING:
     from .tokenizer import ClipTokenizer
 
-__all__ = ["ClassRegistry", "ClassStateError", "STATE_FILE", "MARKER_FILE", "MAX_NAME_CHARS"]
+__all__ = ["ClassRegistry", "ClassStateError", "STATE_FILE", "MARKER_FILE", "MAX_NAME_CHARS",
+           "remove_stale_temp_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ LOCK_FILE = "classes.lock"
 #: Written next to the state file when it is first created: a state dir holding this marker but no state file has
 #: lost its state, which is refused unless the caller says to start empty (``start_empty=True``).
 MARKER_FILE = "classes.created"
+#: Prefixes of the temp files the state directory's writers create (``.<prefix>*.tmp``): the class list's and the
+#: runtime class embeddings' (:mod:`serving.embedding_store`).
+TEMP_PREFIXES = (".classes.", ".class_embeddings.")
 #: Longest class name accepted, in characters (after whitespace normalisation).
 MAX_NAME_CHARS = 200
 _RESERVED_TOKENS = ("<start_of_text>", "<end_of_text>")
@@ -113,6 +117,7 @@ class ClassRegistry:
         except OSError as exc:
             raise ClassStateError(f"Cannot create class state directory {self.state_dir}: {exc}") from exc
         with self._lock, self._file_lock():
+            remove_stale_temp_files(self.state_dir)  # under the lock no writer is active
             if self.state_path.exists():
                 version, names, sig = self._read_state()
                 self._names, self._version, self._sig = names, version, sig
@@ -257,6 +262,13 @@ class ClassRegistry:
             ClassNameError: an invalid name, a name given twice, or one already registered.
             RequestError: the list would exceed ``max_classes``.
         """
+        return self.add_versioned(names)[0]
+
+    def add_versioned(self, names: Sequence[str], *,
+                      after_commit: Callable[[list[str]], None] | None = None) -> tuple[list[str], int, int]:
+        """:meth:`add`, returning ``(added, version, num_classes)`` of this very change (concurrent changes each
+        get their own, strictly increasing version). ``after_commit(names)`` runs with the new list while the file
+        lock is still held (the service persists the new classes' embeddings there)."""
         new = self._normalize_all(names, field="names")
         with self._lock, self._file_lock():
             self._reload_locked(force=True)
@@ -274,7 +286,10 @@ class ClassRegistry:
                     "classes first or raise the limit", field="names")
             self._commit_locked(self._names + new)
             logger.info("added %d class(es) -> %d classes, version %d", len(new), len(self._names), self._version)
-        return new
+            result = (new, self._version, len(self._names))
+            if after_commit is not None:
+                after_commit(list(self._names))
+        return result
 
     def remove(self, names: Sequence[str]) -> list[str]:
         """Remove registered class names and persist; returns the removed (normalised) names.
@@ -283,6 +298,12 @@ class ClassRegistry:
             UnknownClassError: a name is not registered.
             ClassNameError: a name given twice, or the request would remove every class.
         """
+        return self.remove_versioned(names)[0]
+
+    def remove_versioned(self, names: Sequence[str], *,
+                         after_commit: Callable[[list[str]], None] | None = None) -> tuple[list[str], int, int]:
+        """:meth:`remove`, returning ``(removed, version, num_classes)`` of this very change; ``after_commit`` as
+        in :meth:`add_versioned`."""
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
             raise ClassNameError(f"names must be a list of class names, got {type(names).__name__}")
         if not names:
@@ -316,7 +337,10 @@ class ClassRegistry:
                                      "classes before removing the old ones")
             self._commit_locked(remaining)
             logger.info("removed %d class(es) -> %d classes, version %d", len(wanted), len(remaining), self._version)
-        return wanted
+            result = (wanted, self._version, len(remaining))
+            if after_commit is not None:
+                after_commit(list(remaining))
+        return result
 
     def refresh(self) -> bool:
         """Reload the list if another process changed the state file; ``True`` when it changed.
@@ -434,6 +458,11 @@ class ClassRegistry:
                     os.unlink(tmp)
         self._sig = _signature(st)
 
+    def file_lock(self) -> contextlib.AbstractContextManager[None]:
+        """The state directory's exclusive inter-process lock (and this registry's thread lock): what every writer
+        of the directory holds."""
+        return _joined(self._lock, self._file_lock())
+
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
         """Exclusive advisory lock on ``state_dir/classes.lock`` (no-op without a state dir)."""
@@ -467,6 +496,26 @@ def _warn_case_twins(registered: Sequence[str], new: Sequence[str]) -> None:
         if twin != name:
             logger.warning("class %s differs from %s only in case: both get the same embedding (CLIP lowercases "
                            "class names)", _preview(name), _preview(twin))
+
+
+@contextlib.contextmanager
+def _joined(lock: threading.RLock, inner: contextlib.AbstractContextManager[None]) -> Iterator[None]:
+    with lock, inner:
+        yield
+
+
+def remove_stale_temp_files(state_dir: Path) -> int:
+    """Delete temp files left by writers killed mid-write (call under the state directory's file lock, when no
+    writer can be active); returns how many were removed."""
+    removed = 0
+    for path in state_dir.iterdir():
+        if path.name.endswith(".tmp") and path.name.startswith(TEMP_PREFIXES):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    if removed:
+        logger.info("removed %d stale temp file(s) from %s", removed, state_dir)
+    return removed
 
 
 def _write_marker(path: Path) -> None:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from .bundle import Bundle, load_bundle, load_class_embeddings
 from .classes import ClassRegistry
+from .embedding_store import EmbeddingStore, text_encoder_key
 from .errors import BundleError, ImageDecodeError, PayloadTooLargeError, RequestError
 from .format import class_name_key
 from .preprocess import decode_image, decoded_size, preprocess
@@ -106,6 +107,13 @@ class Classifier:
         self._cache_size = int(cache_size)
         self._lock = threading.Lock()
         self._active: tuple[int, list[str], np.ndarray] | None = None  # (version, names, [S, C, D])
+        # Embeddings of the registered runtime classes, persisted next to the class list (restarts do not re-encode)
+        self._store: EmbeddingStore | None = None
+        self._stored: dict[str, np.ndarray] = {}  # name -> [S, D]
+        if registry.state_dir is not None:
+            self._store = EmbeddingStore(registry.state_dir, text_encoder_key(bundle), num_sets=self._num_sets,
+                                         dim=bundle.embedding_dim)
+            self._stored = self._store.load()
 
     @classmethod
     def from_bundle(
@@ -266,7 +274,15 @@ class Classifier:
         active = self._active
         if active is not None and active[0] == version and active[1] == names:
             return active[1], active[2]
+        if self._store is not None and self._store.changed():  # another worker or replica stored new rows
+            stored = self._store.load()
+            with self._lock:
+                self._stored = stored
         matrix = self._embeddings_for(names)
+        if self._store is not None and any(self._is_runtime(n) and n not in self._stored for n in names):
+            with self.registry.file_lock():  # encoded here: store them for the next start and the other workers
+                self.registry.refresh()
+                self._persist(self.registry.names())
         self._active = (version, names, matrix)
         logger.debug("class matrix rebuilt: %d classes, version %d", len(names), version)
         return names, matrix
@@ -294,6 +310,8 @@ class Classifier:
                 row = self._bundle_rows.get(class_name_key(name))
                 if row is not None:
                     out[:, i] = self._bundle_embeddings[:, row]
+                elif (stored := self._stored.get(name)) is not None:
+                    out[:, i] = stored
                 elif (cached := self._cache.get(name)) is not None:
                     self._cache.move_to_end(name)
                     out[:, i] = cached
@@ -355,15 +373,36 @@ class Classifier:
                 "(PROMPTCLIP_MAX_ADD_NAMES): split the list into several requests", field="names")
         normalised = self.registry.normalize_names(names, field="names")
         self._embeddings_for(normalised)  # encoder problems surface before the change is persisted
-        added = self.registry.add(normalised)
-        version, current = self.registry.snapshot()
-        return {"added": added, "version": version, "num_classes": len(current)}
+        persist = self._persist if self._store is not None else None
+        added, version, num = self.registry.add_versioned(normalised, after_commit=persist)
+        return {"added": added, "version": version, "num_classes": num}
 
     def remove_classes(self, names: Sequence[str]) -> dict:
         """Unregister classes; ``{"removed", "version", "num_classes"}``."""
-        removed = self.registry.remove(names)
-        version, current = self.registry.snapshot()
-        return {"removed": removed, "version": version, "num_classes": len(current)}
+        persist = self._persist if self._store is not None else None
+        removed, version, num = self.registry.remove_versioned(names, after_commit=persist)
+        return {"removed": removed, "version": version, "num_classes": num}
+
+    def _is_runtime(self, name: str) -> bool:
+        return class_name_key(name) not in self._bundle_rows
+
+    def _persist(self, names: list[str]) -> None:
+        """Store the embeddings of ``names``' runtime classes (the registry's file lock held): ours, the file's (rows
+        other workers wrote) or the LRU cache's; a row none of them has is encoded by whoever next builds the list."""
+        assert self._store is not None
+        disk = self._store.load() if self._store.changed() else {}
+        rows: dict[str, np.ndarray] = {}
+        with self._lock:
+            for name in names:
+                if not self._is_runtime(name):
+                    continue
+                for source in (self._stored, disk, self._cache):
+                    vec = source.get(name)
+                    if vec is not None:
+                        rows[name] = vec
+                        break
+            self._stored = rows
+        self._store.save(rows)
 
     def list_classes(self) -> dict:
         """``{"names", "version", "num_classes"}`` of the active class list (other workers' changes included)."""

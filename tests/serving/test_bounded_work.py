@@ -15,27 +15,10 @@ from serving.http_errors import http_status
 from serving.preprocess import decode_image, decoded_size, preprocess
 
 
-class CountingRuntime:
-    """Wraps a runtime and counts ``run_text`` calls and texts."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.calls = 0
-        self.texts = 0
-
-    def run_text(self, ids, prompt_set=0):
-        self.calls += 1
-        self.texts += len(ids)
-        return self.inner.run_text(ids, prompt_set)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.fixture
-def counted(synthetic_bundle, tmp_path):
+def counted(synthetic_bundle, tmp_path, counting_runtime):
     base = Classifier.from_bundle(synthetic_bundle.path, state_dir=tmp_path / "state")
-    rt = CountingRuntime(base.runtime)
+    rt = counting_runtime(base.runtime)
     clf = Classifier(base.bundle, rt, base.registry, base.tokenizer, max_add_names=3, max_adhoc_classes=4,
                      max_request_pixels=50_000, cache_size=5)
     return clf, rt
@@ -83,9 +66,9 @@ def test_adhoc_embeddings_are_cached_in_a_bounded_lru(counted, pil_image):
     assert rt.texts == 2 + 6 + 1, "zebra was evicted (least recently used) and encoded again"
 
 
-def test_text_encoding_is_batched(synthetic_bundle, tmp_path):
+def test_text_encoding_is_batched(synthetic_bundle, counting_runtime):
     base = Classifier.from_bundle(synthetic_bundle.path, warmup=False)
-    rt = CountingRuntime(base.runtime)
+    rt = counting_runtime(base.runtime)
     clf = Classifier(base.bundle, rt, base.registry, base.tokenizer)
     n = TEXT_BATCH + 3
     out = clf.encode_text([f"name {i}" for i in range(n)])
