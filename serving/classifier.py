@@ -183,11 +183,23 @@ class Classifier:
             RequestError: no images, ``top_k`` out of range, too many ad-hoc classes.
             ClassNameError: an invalid or repeated ad-hoc class name.
         """
+        return self.classify_versioned(images, top_k=top_k, class_names=class_names)[0]
+
+    def classify_versioned(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        top_k: int | None = DEFAULT_TOP_K,
+        class_names: Sequence[str] | None = None,
+    ) -> tuple[list[list[dict]], int | None]:
+        """:meth:`classify`, and the version of the registered class list it ranked (``None`` for ad-hoc
+        ``class_names``)."""
         images = list(images)
         if not images:
             raise RequestError("no images given; send at least one image", field="image")
+        version: int | None = None
         if class_names is None:
-            names, matrix = self._active_classes()
+            version, names, matrix = self._active_classes_versioned()
         else:
             names, matrix = self._adhoc_classes(class_names)
         k = self._check_top_k(top_k, len(names))
@@ -200,10 +212,14 @@ class Classifier:
             else:
                 image_embeds, weights = self.runtime.run_image_and_weights(pixels)
             results.extend(self._rank(image_embeds, weights, names, matrix, k))
-        return results
+        return results, version
 
     def classify_bytes(self, blobs: Sequence[bytes], **kw: Any) -> list[list[dict]]:
         """:func:`~serving.preprocess.decode_image` each blob, then :meth:`classify` (same keyword arguments)."""
+        return self.classify_bytes_versioned(blobs, **kw)[0]
+
+    def classify_bytes_versioned(self, blobs: Sequence[bytes], **kw: Any) -> tuple[list[list[dict]], int | None]:
+        """:meth:`classify_bytes` and the class list's version (see :meth:`classify_versioned`)."""
         blobs = list(blobs)
         limits: dict[str, Any] = {"draft_to": self._draft_to}
         if self.max_image_bytes is not None:
@@ -219,7 +235,7 @@ class Classifier:
                 if len(blobs) == 1:
                     raise
                 raise ImageDecodeError(f"image {i + 1} of {len(blobs)}: {exc}", field=exc.field) from exc
-        return self.classify(images, **kw)
+        return self.classify_versioned(images, **kw)
 
     def _check_pixel_budget(self, blobs: Sequence[bytes]) -> None:
         """Refuse (413) a request whose images would decode to more than ``max_request_pixels`` together, from their
@@ -269,11 +285,15 @@ class Classifier:
 
     def _active_classes(self) -> tuple[list[str], np.ndarray]:
         """The registry's classes and their ``[S, C, D]`` embeddings (rebuilt when the version changes)."""
+        return self._active_classes_versioned()[1:]
+
+    def _active_classes_versioned(self) -> tuple[int, list[str], np.ndarray]:
+        """``(version, names, [S, C, D] embeddings)`` of the registry's classes, other workers' changes included."""
         self.registry.refresh()
         version, names = self.registry.snapshot()
         active = self._active
         if active is not None and active[0] == version and active[1] == names:
-            return active[1], active[2]
+            return active
         if self._store is not None and self._store.changed():  # another worker or replica stored new rows
             stored = self._store.load()
             with self._lock:
@@ -285,7 +305,7 @@ class Classifier:
                 self._persist(self.registry.names())
         self._active = (version, names, matrix)
         logger.debug("class matrix rebuilt: %d classes, version %d", len(names), version)
-        return names, matrix
+        return version, names, matrix
 
     def _adhoc_classes(self, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
         if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
@@ -425,6 +445,7 @@ class Classifier:
             "embedding_dim": self.bundle.embedding_dim,
             "num_prompt_sets": self._num_sets,
             "prompt_sets": self.bundle.prompt_set_names,
+            "worker_pid": os.getpid(),
         }
 
 

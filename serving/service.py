@@ -130,17 +130,21 @@ class PromptclipService:
         if not hmac.compare_digest(value.strip().encode("utf-8"), token.encode("utf-8")):
             raise AuthError("invalid API token in the Authorization header")
 
-    def _classify(self, parsed: ParsedRequest) -> list[list[dict]]:
+    def _classify(self, parsed: ParsedRequest) -> tuple[list[list[dict]], int | None]:
         params = parsed.params
         assert isinstance(params, ClassifyParams)
-        return self.classifier.classify_bytes(parsed.files, top_k=params.top_k, class_names=params.classes)
+        return self.classifier.classify_bytes_versioned(parsed.files, top_k=params.top_k, class_names=params.classes)
 
     # -- endpoints -----------------------------------------------------------------------------
 
     @bentoml.api(route="/classify", input_spec=ClassifyInput)
     def classify(self, parsed: ParsedRequest, ctx: bentoml.Context) -> ClassifyResponse:
         """Classify one image (multipart field ``image``; optional ``top_k``, ``classes``)."""
-        return self._respond(ctx, parsed, lambda p: ClassifyResponse(predictions=self._classify(p)[0]))
+        def handler(p: ParsedRequest) -> ClassifyResponse:
+            results, version = self._classify(p)
+            return ClassifyResponse(predictions=results[0], classes_version=version)
+
+        return self._respond(ctx, parsed, handler)
 
     @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchInput)
     def classify_batch(self, parsed: ParsedRequest, ctx: bentoml.Context) -> ClassifyBatchResponse:
@@ -151,7 +155,8 @@ class PromptclipService:
             if len(p.files) > limit:
                 raise RequestError(f"{len(p.files)} images uploaded; one request may carry at most {limit} "
                                    "(PROMPTCLIP_MAX_BATCH_IMAGES) -- split the batch", field="images")
-            return ClassifyBatchResponse(results=self._classify(p))
+            results, version = self._classify(p)
+            return ClassifyBatchResponse(results=results, classes_version=version)
 
         return self._respond(ctx, parsed, handler)
 

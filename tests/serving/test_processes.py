@@ -168,3 +168,67 @@ def test_a_bad_state_file_stops_start_up_with_its_message(synthetic_bundle, tmp_
     proc = _serve_exits(["--bundle", str(synthetic_bundle.path), "--state-dir", str(state)])
     assert proc.returncode != 0 and "is missing" in proc.stderr and "--start-empty" in proc.stderr, proc.stderr
     assert not (state / "classes.json").exists(), "nothing is written when the start is refused"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_workers_start_n_processes_over_one_class_list(synthetic_bundle, tmp_path):
+    """`--workers 2` runs two worker processes; whichever answers, the class list and its version are one."""
+    with serving(["--bundle", str(synthetic_bundle.path), "--state-dir", str(tmp_path / "state"), "--token", TOKEN,
+                  "--workers", "2"], tmp_path / "serve.log") as server:
+        server.wait_ready()
+        workers = [p for p in _descendants(server.proc.pid) if "_bentoml_impl.worker" in _cmdline(p)]
+        assert len(workers) == 2, [(p, _cmdline(p)) for p in _descendants(server.proc.pid)]
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            added = c.post("/add_classes", json={"names": ["zebra"]}, headers=AUTH)
+            assert added.status_code == 200, added.text
+            version = added.json()["version"]
+            pids = set()
+            for _ in range(12):
+                listed = c.post("/classes").json()
+                assert listed["version"] == version and "zebra" in listed["names"]
+                got = c.post("/classify", files={"image": ("x.png", _png_bytes(), "image/png")}, data={"top_k": "7"})
+                assert got.status_code == 200 and got.json()["classes_version"] == version, got.text
+                pids.add(c.post("/healthz").json()["worker_pid"])
+        assert pids <= set(workers)
+
+
+def test_two_replicas_over_one_state_dir(synthetic_bundle, tmp_path):
+    """Two `promptclip serve` processes (ports A and B) over one state directory: a class added on A is served by
+    B on B's next request (bound: one stat of the state file per request; measured here under 1 s)."""
+    state = tmp_path / "state"
+    args = ["--bundle", str(synthetic_bundle.path), "--state-dir", str(state), "--token", TOKEN]
+    with serving(args, tmp_path / "a.log") as a, serving(args, tmp_path / "b.log") as b:
+        a.wait_ready()
+        b.wait_ready()
+        with httpx.Client(timeout=30) as c:
+            added = c.post(f"{a.url}/add_classes", json={"names": ["snow leopard"]}, headers=AUTH)
+            assert added.status_code == 200, added.text
+            t0 = time.monotonic()
+            while True:
+                got = c.post(f"{b.url}/classify", files={"image": ("x.png", _png_bytes(), "image/png")},
+                             data={"top_k": "7"})
+                assert got.status_code == 200, got.text
+                if any(p["name"] == "snow leopard" for p in got.json()["predictions"]):
+                    break
+                assert time.monotonic() - t0 < 1.0, "replica B did not serve the class within 1 s"
+            assert got.json()["classes_version"] == added.json()["version"]
+            removed = c.post(f"{b.url}/remove_classes", json={"names": ["snow leopard"]}, headers=AUTH)
+            assert removed.status_code == 200 and removed.json()["version"] == added.json()["version"] + 1
+            assert "snow leopard" not in c.post(f"{a.url}/classes").json()["names"]
