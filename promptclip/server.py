@@ -119,15 +119,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A real ``bentoml serve`` process on loopback, started and stopped by pid."""
+    """A real ``bentoml serve`` process on loopback, started and stopped by pid. For the demo, the tests and the
+    benchmarks: without a ``token`` its class changes are open (``open_writes`` defaults to ``token is None``);
+    ``promptclip serve`` never opens them unless asked."""
 
     def __init__(self, bundle: Path, *, port: int | None = None, state_dir: Path | None = None,
                  token: str | None = None, log_path: Path | None = None, workers: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, open_writes: bool | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = serve_env(bundle, state_dir, token, workers=workers, extra=extra_env)
+        extra = dict(extra_env or {})
+        if open_writes if open_writes is not None else token is None:
+            # a loopback process for the demo, tests and benchmarks: writes open unless a token is given
+            extra.setdefault("PROMPTCLIP_OPEN_WRITES", "1")
+        env = serve_env(bundle, state_dir, token, workers=workers, extra=extra)
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(serve_command(self.port, "127.0.0.1"), env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=str(SERVICE_ROOT), start_new_session=True)

@@ -31,11 +31,12 @@ from .classes import ClassRegistry
 from .embedding_store import EmbeddingStore, text_encoder_key
 from .errors import BundleError, ImageDecodeError, PayloadTooLargeError, RequestError
 from .format import class_name_key
+from .manifest import DIGEST_PREFIX, bundle_digest
 from .preprocess import decode_image, decoded_size, preprocess
 from .runtime import Runtime, create_runtime
 from .tokenizer import ClipTokenizer
 
-__all__ = ["Classifier", "DEFAULT_TOP_K", "open_class_registry"]
+__all__ = ["Classifier", "DEFAULT_TOP_K", "open_class_registry", "check_bundle_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class Classifier:
         max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         warmup: bool = True,
         start_empty: bool = False,
+        expected_digest: str | None = None,
     ) -> Classifier:
         """Load the bundle in ``bundle_dir`` and build runtime, tokenizer and registry.
 
@@ -140,8 +142,11 @@ class Classifier:
             runtime: ``"auto"`` or ``"ort"`` (see :func:`~serving.runtime.create_runtime`).
             warmup: encode the registry's runtime-added classes now rather than on the first request.
             start_empty: see :class:`~serving.classes.ClassRegistry` (a lost state file is refused without it).
+            expected_digest: refuse the bundle unless :func:`~serving.manifest.bundle_digest` gives this.
         """
         bundle = load_bundle(bundle_dir, verify_hashes=verify_hashes)
+        if expected_digest is not None:
+            check_bundle_digest(bundle.root, expected_digest)
         kwargs: dict[str, Any] = {}
         if providers is not None:
             kwargs["providers"] = providers
@@ -447,6 +452,22 @@ class Classifier:
             "prompt_sets": self.bundle.prompt_set_names,
             "worker_pid": os.getpid(),
         }
+
+
+def check_bundle_digest(bundle_dir: str | os.PathLike, expected: str) -> str:
+    """Raise :class:`~serving.errors.BundleError` unless the bundle's digest (:func:`serving.manifest.bundle_digest`:
+    the manifest and every file) is ``expected``; returns the digest."""
+    expected = expected.strip()
+    if not expected.startswith(DIGEST_PREFIX) or len(expected) != len(DIGEST_PREFIX) + 64:
+        raise BundleError(f"pinned bundle digest {expected[:80]!r} is not of the form {DIGEST_PREFIX}<64 hex digits> "
+                          "(copy the line `promptclip export` printed)", field="bundle_digest")
+    actual = bundle_digest(bundle_dir)
+    if actual != expected.lower():
+        raise BundleError(
+            f"bundle {bundle_dir} has digest {actual}, but {expected} was pinned (--bundle-digest / "
+            "PROMPTCLIP_BUNDLE_DIGEST): a file of the bundle or its manifest changed since export. Re-export it, or "
+            "pin the new digest if the change is intended.", field="bundle_digest")
+    return actual
 
 
 def open_class_registry(bundle: Bundle, state_dir: str | os.PathLike | None, *, max_classes: int = 10000,

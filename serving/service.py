@@ -8,7 +8,8 @@ Endpoints (BentoML API routes are all ``POST``):
 
 * ``/classify``: multipart ``image`` (one file), optional ``top_k``, optional ``classes``.
 * ``/classify_batch``: multipart ``images`` (repeated), optional ``top_k`` and ``classes``.
-* ``/classes``: the active class list. ``/add_classes``, ``/remove_classes``: JSON ``{"names": [...]}``.
+* ``/classes``: the active class list. ``/add_classes``, ``/remove_classes``: JSON ``{"names": [...]}``, with
+  ``Authorization: Bearer <token>`` (refused without a configured token unless writes were opened on purpose).
 * ``/healthz``: method, number of classes, runtime and providers. (``GET /healthz``, ``/livez`` and
   ``/readyz`` are BentoML's built-in probes and answer an empty 200.)
 
@@ -73,11 +74,17 @@ class PromptclipService:
         s = self.settings
         self.classifier = Classifier.from_bundle(
             s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
-            start_empty=s.start_empty, max_add_names=s.max_add_names, max_adhoc_classes=s.max_adhoc_classes,
-            max_request_pixels=s.max_request_pixels, max_classes=s.max_classes)
-        if s.api_token is None:
-            logger.warning("PROMPTCLIP_API_TOKEN is not set: /add_classes and /remove_classes are open to every "
-                           "client that can reach this service")
+            start_empty=s.start_empty, expected_digest=s.bundle_digest, max_add_names=s.max_add_names,
+            max_adhoc_classes=s.max_adhoc_classes, max_request_pixels=s.max_request_pixels,
+            max_classes=s.max_classes)
+        if s.api_token is None and s.open_writes:
+            logger.warning("!!! PROMPTCLIP_OPEN_WRITES is set and PROMPTCLIP_API_TOKEN is not: /add_classes and "
+                           "/remove_classes are OPEN to every client that can reach this service !!!")
+        elif s.api_token is None:
+            logger.warning("PROMPTCLIP_API_TOKEN is not set: /add_classes and /remove_classes are refused (set a "
+                           "token, or PROMPTCLIP_OPEN_WRITES=1 to open them to every client)")
+        elif s.open_writes:
+            logger.warning("PROMPTCLIP_OPEN_WRITES is ignored: PROMPTCLIP_API_TOKEN is set, writes need it")
         if s.state_dir is None:
             logger.warning("PROMPTCLIP_STATE_DIR is not set: class changes are per worker and lost on restart")
         info = self.classifier.info()
@@ -119,7 +126,11 @@ class PromptclipService:
     def _check_auth(self, ctx: bentoml.Context) -> None:
         token = self.settings.api_token
         if token is None:
-            return
+            if self.settings.open_writes:
+                return
+            raise AuthError("class changes are disabled on this server: it has no API token. Its operator can set "
+                            "one (PROMPTCLIP_API_TOKEN, `promptclip serve --token`) or open writes to every client "
+                            "on purpose (PROMPTCLIP_OPEN_WRITES=1, `promptclip serve --open-writes`)")
         header = ctx.request.headers.get("authorization", "")
         if not header:
             raise AuthError("this endpoint changes the class list and needs the header "

@@ -3,8 +3,11 @@
 * ``PROMPTCLIP_BUNDLE`` (required): deploy bundle directory written by ``promptclip export``.
 * ``PROMPTCLIP_STATE_DIR``: directory persisting runtime class changes (shared by all workers);
   unset = changes live in memory of each worker and are lost on restart.
-* ``PROMPTCLIP_API_TOKEN``: when set, ``/add_classes`` and ``/remove_classes`` need
-  ``Authorization: Bearer <token>``; reads stay open.
+* ``PROMPTCLIP_API_TOKEN``: ``/add_classes`` and ``/remove_classes`` need ``Authorization: Bearer <token>``;
+  reads stay open. Without a token, class changes are refused (401) unless ``PROMPTCLIP_OPEN_WRITES=1`` opens them
+  to every client on purpose (logged as a warning at every start).
+* ``PROMPTCLIP_BUNDLE_DIGEST``: the bundle digest ``export`` printed (``sha256:...``); the service refuses to start
+  on a bundle with any other (:func:`serving.manifest.bundle_digest`: the manifest and every file).
 * ``PROMPTCLIP_START_EMPTY`` (``1``/``true``): start again from the bundle's classes when the state directory once
   held a state file that is now missing (refused otherwise).
 * ``PROMPTCLIP_MAX_UPLOAD_BYTES``: largest request body (default 32 MiB; answered with 413).
@@ -72,6 +75,8 @@ class ServiceSettings:
     max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
     runtime: str = "auto"
     start_empty: bool = False
+    open_writes: bool = False
+    bundle_digest: str | None = None
     max_add_names: int = 256
     max_adhoc_classes: int = 256
     max_request_pixels: int = 40_000_000
@@ -100,6 +105,8 @@ class ServiceSettings:
             max_batch_images=_env_int(env, "PROMPTCLIP_MAX_BATCH_IMAGES", DEFAULT_MAX_BATCH_IMAGES),
             runtime=env.get("PROMPTCLIP_RUNTIME", "auto").strip() or "auto",
             start_empty=_env_bool(env, "PROMPTCLIP_START_EMPTY"),
+            open_writes=_env_bool(env, "PROMPTCLIP_OPEN_WRITES"),
+            bundle_digest=env.get("PROMPTCLIP_BUNDLE_DIGEST", "").strip() or None,
             max_add_names=_env_int(env, "PROMPTCLIP_MAX_ADD_NAMES", cls.max_add_names),
             max_adhoc_classes=_env_int(env, "PROMPTCLIP_MAX_ADHOC_CLASSES", cls.max_adhoc_classes),
             max_request_pixels=_env_int(env, "PROMPTCLIP_MAX_REQUEST_PIXELS", cls.max_request_pixels),

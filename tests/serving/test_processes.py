@@ -232,3 +232,8 @@ def test_two_replicas_over_one_state_dir(synthetic_bundle, tmp_path):
             removed = c.post(f"{b.url}/remove_classes", json={"names": ["snow leopard"]}, headers=AUTH)
             assert removed.status_code == 200 and removed.json()["version"] == added.json()["version"] + 1
             assert "snow leopard" not in c.post(f"{a.url}/classes").json()["names"]
+
+
+def test_a_pinned_digest_that_does_not_match_stops_serve(synthetic_bundle, tmp_path):
+    proc = _serve_exits(["--bundle", str(synthetic_bundle.path), "--bundle-digest", "sha256:" + "0" * 64])
+    assert proc.returncode != 0 and "was pinned" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

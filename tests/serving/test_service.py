@@ -21,7 +21,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_UPLOAD = 200_000
 ENV_KEYS = ("PROMPTCLIP_BUNDLE", "PROMPTCLIP_STATE_DIR", "PROMPTCLIP_API_TOKEN", "PROMPTCLIP_MAX_UPLOAD_BYTES",
             "PROMPTCLIP_MAX_BATCH_IMAGES", "PROMPTCLIP_RUNTIME", "PROMPTCLIP_START_EMPTY", "PROMPTCLIP_MAX_ADD_NAMES",
-            "PROMPTCLIP_MAX_ADHOC_CLASSES", "PROMPTCLIP_MAX_REQUEST_PIXELS", "PROMPTCLIP_MAX_CLASSES")
+            "PROMPTCLIP_MAX_ADHOC_CLASSES", "PROMPTCLIP_MAX_REQUEST_PIXELS", "PROMPTCLIP_MAX_CLASSES",
+            "PROMPTCLIP_OPEN_WRITES", "PROMPTCLIP_BUNDLE_DIGEST")
 
 
 _APP = None
@@ -337,9 +338,11 @@ def test_settings_from_env(tmp_path):
 
 
 def test_open_service_and_state_errors(synthetic_bundle, tmp_path, caplog):
-    """Without a token mutations are open; a state file corrupted while serving makes readiness fail and every
-    request that needs the class list answer 503 with a JSON body that holds no server path (the log has it)."""
-    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path)}
+    """Without a token and with open writes mutations are open; a state file corrupted while serving makes readiness
+    fail and every request that needs the class list answer 503 with a JSON body that holds no server path (the log
+    has it)."""
+    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path),
+           "PROMPTCLIP_OPEN_WRITES": "1"}  # issue 16: open writes are asked for explicitly
     with running(env) as c:
         resp = c.post("/add_classes", json={"names": ["zebra"]})
         assert resp.status_code == 200 and resp.json()["version"] == 2
@@ -354,6 +357,55 @@ def test_open_service_and_state_errors(synthetic_bundle, tmp_path, caplog):
             {"format": "promptclip.classes", "format_version": 1, "version": 3, "names": ["cat", "dog"]}))
         assert c.get("/readyz").status_code == 200
         assert c.post("/classes").json()["names"] == ["cat", "dog"]
+
+
+def test_writes_are_closed_without_a_token_unless_opened(synthetic_bundle, tmp_path, caplog):
+    """Issue 16, safe defaults: no token means no class changes; reads stay open."""
+    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path)}
+    with running(env) as c:
+        for route in ("/add_classes", "/remove_classes"):
+            assert_error(c.post(route, json={"names": ["cat"]}), 401, "AuthError", contains="PROMPTCLIP_OPEN_WRITES")
+        assert c.post("/classes").status_code == 200
+        assert c.post("/classify", files={"image": ("p.png", _png_bytes_for_auth(), "image/png")}).status_code == 200
+    assert "are refused" in caplog.text
+    with running({**env, "PROMPTCLIP_OPEN_WRITES": "1"}) as c:
+        assert c.post("/add_classes", json={"names": ["zebra"]}).status_code == 200
+    assert "OPEN to every client" in caplog.text
+
+
+def _png_bytes_for_auth() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_pinned_bundle_digest_refuses_any_change(synthetic_bundle, bundle_copy, edit_manifest):
+    """Issue 16: one digest over the manifest and every file; an edit of the manifest alone (a relabelled class)
+    is refused when the digest is pinned."""
+    from serving.classifier import Classifier, check_bundle_digest
+    from serving.errors import BundleError
+    from serving.manifest import bundle_digest
+
+    digest = bundle_digest(bundle_copy)
+    assert digest.startswith("sha256:") and digest == bundle_digest(bundle_copy)
+    assert check_bundle_digest(bundle_copy, digest) == digest
+    Classifier.from_bundle(bundle_copy, expected_digest=digest, warmup=False)
+
+    def relabel(m: dict) -> None:
+        m["classes"]["names"][0] = "lion"
+
+    edit_manifest(bundle_copy, relabel)
+    assert bundle_digest(bundle_copy) != digest
+    with pytest.raises(BundleError, match="was pinned"):
+        Classifier.from_bundle(bundle_copy, expected_digest=digest, warmup=False)
+    with pytest.raises(BundleError, match="is not of the form"):
+        check_bundle_digest(bundle_copy, "abc")
+    env = {"PROMPTCLIP_BUNDLE": str(bundle_copy), "PROMPTCLIP_BUNDLE_DIGEST": digest}
+    assert ServiceSettings.from_env(env).bundle_digest == digest
 
 
 def test_service_import_and_classification_are_torch_free(synthetic_bundle, multiset_bundle, image_bytes,

@@ -9,7 +9,7 @@ from pathlib import Path
 from promptclip.cli.values import class_list
 from promptclip.server import SERVICE_ROOT, serve_command, serve_env, supervise
 from serving.bundle import load_bundle
-from serving.classifier import Classifier, open_class_registry
+from serving.classifier import Classifier, check_bundle_digest, open_class_registry
 from serving.errors import PromptclipError
 
 log = logging.getLogger("promptclip")
@@ -18,6 +18,8 @@ log = logging.getLogger("promptclip")
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run ``bentoml serve`` as a supervised process tree (stopped as a whole by SIGTERM/SIGINT)."""
     bundle = load_bundle(args.bundle)  # fail here, with a clear message, rather than inside the server
+    if args.bundle_digest:
+        check_bundle_digest(bundle.root, args.bundle_digest)
     if args.workers is not None and args.workers < 1:
         raise PromptclipError(f"--workers must be >= 1, got {args.workers}")
     if (args.workers or 1) > 1 and not args.state_dir:
@@ -26,6 +28,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.state_dir:  # a corrupt, unreadable or lost state file stops here (non-zero exit, the message)
         open_class_registry(bundle, args.state_dir, start_empty=args.start_empty)
     extra = {"PROMPTCLIP_START_EMPTY": "1"} if args.start_empty else {}
+    if args.bundle_digest:
+        extra["PROMPTCLIP_BUNDLE_DIGEST"] = args.bundle_digest
+    if args.open_writes and not args.token:
+        extra["PROMPTCLIP_OPEN_WRITES"] = "1"
+        log.warning("!!! --open-writes: EVERY client that reaches %s:%d can add and remove classes (no token) !!!",
+                    args.host, args.port)
+    elif not args.token:
+        log.warning("no --token (PROMPTCLIP_API_TOKEN): /add_classes and /remove_classes are refused; pass a token "
+                    "to allow them, or --open-writes to open them to every client")
     env = serve_env(args.bundle, args.state_dir, args.token, workers=args.workers, extra=extra)
     cmd = serve_command(args.port, args.host)
     log.info("starting: %s (bundle %s, %s worker(s))", " ".join(cmd), env["PROMPTCLIP_BUNDLE"], args.workers or 1)
@@ -33,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    clf = Classifier.from_bundle(args.bundle, state_dir=args.state_dir)
+    clf = Classifier.from_bundle(args.bundle, state_dir=args.state_dir, expected_digest=args.bundle_digest or None)
     blobs = []
     for image in args.images:
         p = Path(image)

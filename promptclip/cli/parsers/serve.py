@@ -19,7 +19,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="start again from the bundle's classes when the state dir's class file is missing "
                         "(refused otherwise: the classes added at runtime would be lost)")
     s.add_argument("--token", default=os.environ.get("PROMPTCLIP_API_TOKEN"),
-                   help="bearer token required by mutating endpoints (default: $PROMPTCLIP_API_TOKEN)")
+                   help="bearer token required by /add_classes and /remove_classes (default: $PROMPTCLIP_API_TOKEN; "
+                        "without one they are refused unless --open-writes)")
+    s.add_argument("--open-writes", action="store_true",
+                   help="without a token, let EVERY client that reaches the server add and remove classes")
+    s.add_argument("--bundle-digest", default=os.environ.get("PROMPTCLIP_BUNDLE_DIGEST"),
+                   help="refuse to serve unless the bundle's digest (printed by `promptclip export`) is this one "
+                        "(default: $PROMPTCLIP_BUNDLE_DIGEST)")
     s.set_defaults(handler=(HANDLERS, "cmd_serve"))
 
     s = sub.add_parser("classify", help="classify local images with a bundle (no server, no torch)")
@@ -29,4 +35,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--classes", help="comma-separated ad-hoc class list for this call")
     s.add_argument("--classes-file")
     s.add_argument("--state-dir")
+    s.add_argument("--bundle-digest", default=os.environ.get("PROMPTCLIP_BUNDLE_DIGEST"),
+                   help="refuse a bundle whose digest is not this one (default: $PROMPTCLIP_BUNDLE_DIGEST)")
     s.set_defaults(handler=(HANDLERS, "cmd_classify"))
