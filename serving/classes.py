@@ -58,6 +58,9 @@ TEMP_PREFIXES = (".classes.", ".class_embeddings.")
 MAX_NAME_CHARS = 200
 _RESERVED_TOKENS = ("<start_of_text>", "<end_of_text>")
 _BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})  # control, format (zero-width, bidi overrides), lone surrogates
+#: Format characters that are part of writing, not hiding: ZERO WIDTH NON-JOINER (Persian, Hindi, ...) and ZERO WIDTH
+#: JOINER (emoji sequences such as 👩‍🔬, Indic conjuncts). Every other control/format character is refused.
+_ALLOWED_FORMAT_CHARS = frozenset({"\u200c", "\u200d"})
 
 
 class ClassStateError(PromptclipError):
@@ -200,7 +203,7 @@ class ClassRegistry:
         if not text:
             raise ClassNameError(f"class name {_preview(name)} is empty after trimming underscores and whitespace; "
                                  "give a non-empty name", field=field)
-        bad = [c for c in text if unicodedata.category(c) in _BAD_CATEGORIES]
+        bad = [c for c in text if unicodedata.category(c) in _BAD_CATEGORIES and c not in _ALLOWED_FORMAT_CHARS]
         if bad:
             codes = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(bad))
             raise ClassNameError(
@@ -227,23 +230,25 @@ class ClassRegistry:
         """:meth:`normalize_name` for each of ``names``; also refuses an empty list and repeated names."""
         return self._normalize_all(names, field=field)
 
-    def _normalize_all(self, names: Sequence[str], *, field: str) -> list[str]:
+    def _normalize_all(self, names: Sequence[str], *, field: str,
+                       identity: Callable[[str], str] = class_name_key) -> list[str]:
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
             raise ClassNameError(f"{field} must be a list of class names, got {type(names).__name__}", field=field)
         if not names:
             raise ClassNameError(f"{field} is empty; give at least one class name", field=field)
         out = [self.normalize_name(n, field=field) for n in names]
-        dups = [n for n in dict.fromkeys(out) if out.count(n) > 1] if len(set(out)) != len(out) else []
-        if dups:
+        keys = [identity(n) for n in out]
+        if len(set(keys)) != len(keys):
+            dups = [n for n, k in zip(out, keys) if keys.count(k) > 1]
             raise ClassNameError(
-                f"{field} lists {', '.join(map(_preview, dups))} more than once "
-                "(after normalisation: underscores and runs of whitespace become one space); give each name once",
+                f"{field} lists {', '.join(map(_preview, dict.fromkeys(dups)))} more than once (after normalisation: "
+                "underscores and runs of whitespace become one space, and case is ignored); give each name once",
                 field=field)
         return out
 
     def _check_initial(self, names: Sequence[str]) -> list[str]:
-        try:
-            out = self._normalize_all(list(names), field="classes")
+        try:  # exact duplicates only: bundles exported before names were compared ignoring case stay servable
+            out = self._normalize_all(list(names), field="classes", identity=str)
         except ClassNameError as exc:
             raise BundleError(f"the bundle's class list is not servable: {exc}; re-export the bundle") from exc
         changed = [(a, b) for a, b in zip(names, out) if a != b]
@@ -272,13 +277,15 @@ class ClassRegistry:
         new = self._normalize_all(names, field="names")
         with self._lock, self._file_lock():
             self._reload_locked(force=True)
-            present = set(self._names)
-            already = [n for n in new if n in present]
+            present = {class_name_key(n): n for n in self._names}
+            already = [(n, present[class_name_key(n)]) for n in new if class_name_key(n) in present]
             if already:
+                shown = ", ".join(_preview(n) if n == r else f"{_preview(n)} (as {_preview(r)})"
+                                  for n, r in already[:10])
                 raise ClassNameError(
-                    f"class(es) already registered: {', '.join(map(_preview, already[:10]))}; "
-                    "remove them from the request", field="names")
-            _warn_case_twins(self._names, new)
+                    f"class(es) already registered: {shown}; remove them from the request (names are compared "
+                    "ignoring case: CLIP lowercases them, so they would get one embedding and split its score)",
+                    field="names")
             total = len(self._names) + len(new)
             if total > self.max_classes:
                 raise RequestError(
@@ -311,14 +318,16 @@ class ClassRegistry:
         for n in names:
             if not isinstance(n, str):
                 raise ClassNameError(f"class names must be strings, got {type(n).__name__} {n!r:.60}")
-        wanted = [canonical_class_name(n) for n in names]
-        if len(set(wanted)) != len(wanted):
-            dups = [n for n in dict.fromkeys(wanted) if wanted.count(n) > 1]
-            raise ClassNameError(f"names lists {', '.join(map(_preview, dups))} more than once; give each name once")
+        asked = [canonical_class_name(n) for n in names]
+        keys = [class_name_key(n) for n in asked]
+        if len(set(keys)) != len(keys):
+            dups = [n for n, k in zip(asked, keys) if keys.count(k) > 1]
+            raise ClassNameError(f"names lists {', '.join(map(_preview, dict.fromkeys(dups)))} more than once (case "
+                                 "is ignored); give each name once")
         with self._lock, self._file_lock():
             self._reload_locked(force=True)
-            present = set(self._names)
-            unknown = [n for n in wanted if n not in present]
+            registered = {class_name_key(n): n for n in self._names}
+            unknown = [n for n, k in zip(asked, keys) if k not in registered]
             if unknown:
                 hints = []
                 for n in unknown[:3]:
@@ -331,6 +340,7 @@ class ClassRegistry:
                     + (" ".join(hints) + " " if hints else "")
                     + f"Registered classes ({len(self._names)}) include {known}"
                     + (", ..." if len(self._names) > 5 else "") + "; list them with /classes.")
+            wanted = [registered[k] for k in keys]  # as registered (the request may differ in case)
             remaining = [n for n in self._names if n not in set(wanted)]
             if not remaining:
                 raise ClassNameError("this would remove every class; at least one class must remain -- add the new "
@@ -485,17 +495,6 @@ class ClassRegistry:
 
     def __repr__(self) -> str:
         return f"ClassRegistry({len(self)} classes, version {self.version}, state={str(self.state_path)!r})"
-
-
-def _warn_case_twins(registered: Sequence[str], new: Sequence[str]) -> None:
-    """Log the new names that differ from another name only in case: they are separate entries of the list, but
-    CLIP's tokenizer lowercases, so they get the same embedding (:func:`serving.format.class_name_key`)."""
-    seen = {class_name_key(n): n for n in registered}
-    for name in new:
-        twin = seen.setdefault(class_name_key(name), name)
-        if twin != name:
-            logger.warning("class %s differs from %s only in case: both get the same embedding (CLIP lowercases "
-                           "class names)", _preview(name), _preview(twin))
 
 
 @contextlib.contextmanager

@@ -32,8 +32,8 @@ class ClassifyParams(_Request):
     )
     classes: list[str] | None = Field(
         default=None,
-        description="Ad-hoc class list for this request only (a JSON array in one form field, or the field "
-        "repeated once per name); default: the registered classes.",
+        description="Ad-hoc class list for this request only: a JSON array in one form field, one comma-separated "
+        "value (`red circle,blue square`), or the field repeated once per name; default: the registered classes.",
     )
 
 

@@ -10,8 +10,8 @@ Endpoints (BentoML API routes are all ``POST``):
 * ``/classify_batch``: multipart ``images`` (repeated), optional ``top_k`` and ``classes``.
 * ``/classes``: the active class list. ``/add_classes``, ``/remove_classes``: JSON ``{"names": [...]}``, with
   ``Authorization: Bearer <token>`` (refused without a configured token unless writes were opened on purpose).
-* ``/healthz``: method, number of classes, runtime and providers. (``GET /healthz``, ``/livez`` and
-  ``/readyz`` are BentoML's built-in probes and answer an empty 200.)
+* ``/healthz``: method, number of classes, runtime and providers; the same JSON at ``GET /info``. (``GET /healthz``
+  and ``/livez`` are BentoML's built-in probes; ``GET /readyz`` fails (503) while the class state is unreadable.)
 
 Requests are parsed by our own input specs (:mod:`serving.request_parsing`, which says why). Errors: every
 :class:`~serving.errors.PromptclipError` is answered with the status and JSON body of :mod:`serving.http_errors`.
@@ -24,6 +24,11 @@ from collections.abc import Callable
 from typing import Any
 
 import bentoml
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from .classifier import Classifier
 from .errors import AuthError, PromptclipError, RequestError, ServiceConfigError
@@ -195,4 +200,22 @@ class PromptclipService:
         return self._respond(ctx, parsed, lambda p: HealthResponse(**self.classifier.info()))
 
 
+# -- GET routes beside BentoML's POST APIs ----------------------------------------------------------
+
+
+async def _info(request: Request) -> JSONResponse:
+    """``GET /info``: the JSON health of ``POST /healthz`` (BentoML's ``GET /healthz`` is an empty probe)."""
+    service = bentoml.get_current_service()
+    try:
+        body = await run_in_threadpool(service.classifier.info)
+    except PromptclipError as exc:
+        logger.error("GET /info -> %d %s: %s", http_status(exc), type(exc).__name__, exc)
+        return public_error_response(exc)
+    return JSONResponse(HealthResponse(**body).model_dump())
+
+
+#: Mounted passively at "/": only these paths are taken, every other path stays BentoML's.
+EXTRA_ROUTES = Starlette(routes=[Route("/info", _info, methods=["GET"])])
+
+PromptclipService.mount_asgi_app(EXTRA_ROUTES, path="/", name="promptclip-extra")
 PromptclipService.add_asgi_middleware(UploadLimitMiddleware)

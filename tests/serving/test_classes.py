@@ -60,12 +60,31 @@ def test_normalize_applies_the_one_class_name_rule(make):
     assert reg.names() == ["cat", "dog", "golden retriever"]
 
 
-def test_case_twins_are_kept_but_logged(make, caplog):
+def test_case_twins_are_one_class(make):
+    """Issue 16 item 9 (changed from "case twins are kept but logged"): "Red Circle" and "red circle" would get one
+    embedding (CLIP lowercases) and split its score, so the second spelling is refused as already registered."""
     reg = make()
-    with caplog.at_level("WARNING", logger="serving.classes"):
+    with pytest.raises(ClassNameError, match=r"already registered: 'Cat' \(as 'cat'\).*ignoring case"):
         reg.add(["Cat"])
-    assert reg.names() == [*INITIAL, "Cat"]
-    assert "'Cat' differs from 'cat' only in case" in caplog.text
+    reg.add(["Red Circle"])
+    with pytest.raises(ClassNameError, match="already registered"):
+        reg.add(["red  circle"])
+    with pytest.raises(ClassNameError, match="more than once"):
+        reg.add(["Blue Square", "blue square"])
+    assert reg.names() == [*INITIAL, "Red Circle"]
+    assert reg.remove(["RED CIRCLE"]) == ["Red Circle"], "removal finds the registered spelling"
+    assert reg.names() == INITIAL
+
+
+def test_unicode_policy(make):
+    """NFC, ZWJ (emoji sequences) and ZWNJ (Persian) are kept; other invisible format characters are refused."""
+    reg = make()
+    assert reg.normalize_name("cafe\u0301") == "caf\u00e9"  # decomposed e + accent -> composed
+    for name in ("\U0001F469\u200D\U0001F52C", "\u0645\u06CC\u200C\u062E\u0648\u0627\u0647\u0645"):
+        assert reg.normalize_name(name) == name
+    reg.add(["\U0001F469\u200D\U0001F52C"])
+    with pytest.raises(ClassNameError, match="U\\+200B"):
+        reg.normalize_name("zero\u200bwidth")
 
 
 @pytest.mark.parametrize(
@@ -129,8 +148,9 @@ def test_add_refuses_duplicates_and_registered_names(make):
     with pytest.raises(ClassNameError, match="empty"):
         reg.add([])
     assert reg.version == 1  # nothing was applied
-    reg.add(["Cat"])  # case-sensitive
-    assert "Cat" in reg
+    with pytest.raises(ClassNameError, match="already registered"):  # issue 16: case is not part of the identity
+        reg.add(["Cat"])
+    assert "Cat" not in reg
 
 
 def test_add_respects_max_classes(make):

@@ -297,6 +297,11 @@ def test_healthz(client):
     # BentoML's own liveness/readiness probes stay in place.
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
+    info = client.get("/info")  # issue 16: the JSON health over GET
+    assert info.status_code == 200 and info.headers["content-type"].startswith("application/json")
+    assert {k: v for k, v in info.json().items() if k != "worker_pid"} == {
+        k: v for k, v in body.items() if k != "worker_pid"}
+    assert client.get("/no-such-path").status_code == 404
 
 
 def test_multiset_bundle_is_served_like_any_other(multiset_bundle, image_bytes, tmp_path):
@@ -357,6 +362,20 @@ def test_open_service_and_state_errors(synthetic_bundle, tmp_path, caplog):
             {"format": "promptclip.classes", "format_version": 1, "version": 3, "names": ["cat", "dog"]}))
         assert c.get("/readyz").status_code == 200
         assert c.post("/classes").json()["names"] == ["cat", "dog"]
+
+
+def test_classes_form_field_accepts_json_comma_separated_and_repeated(client, image_bytes):
+    """Issue 16 item 9: `classes=red circle,blue square` is two classes, as with the CLI's --classes."""
+    for data in ({"classes": "red circle,blue square"}, {"classes": json.dumps(["red circle", "blue square"])},
+                 {"classes": ["red circle", "blue square"]}):
+        resp = client.post("/classify", files={"image": _png(image_bytes)}, data={**data, "top_k": "2"})
+        assert resp.status_code == 200, resp.text
+        assert {p["name"] for p in resp.json()["predictions"]} == {"red circle", "blue square"}
+        assert resp.json()["classes_version"] is None
+    listed = client.post("/add_classes", json={"names": ["Red Circle"]}, headers=AUTH)
+    assert listed.status_code == 200
+    assert_error(client.post("/add_classes", json={"names": ["red circle"]}, headers=AUTH), 422, "ClassNameError",
+                 contains="ignoring case")
 
 
 def test_writes_are_closed_without_a_token_unless_opened(synthetic_bundle, tmp_path, caplog):

@@ -32,7 +32,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--bundle", required=True)
     s.add_argument("images", nargs="+")
     s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--classes", help="comma-separated ad-hoc class list for this call")
+    s.add_argument("--classes", help="ad-hoc class list for this call: comma-separated, or a JSON list")
     s.add_argument("--classes-file")
     s.add_argument("--state-dir")
     s.add_argument("--bundle-digest", default=os.environ.get("PROMPTCLIP_BUNDLE_DIGEST"),
