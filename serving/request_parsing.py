@@ -93,7 +93,7 @@ class InputSpec(bentoml.IODescriptor):
         schema = cls.params_model.model_json_schema(*args, **kwargs)
         schema["title"] = cls.__name__.lstrip("_")
         if cls.file_field is not None:
-            file_schema = {"type": "file", "format": "image"}
+            file_schema = {"type": "string", "format": "binary"}  # OpenAPI 3 (``type: file`` is Swagger 2)
             schema.setdefault("properties", {})[cls.file_field] = (
                 file_schema if cls.single_file else {"type": "array", "items": file_schema})
             schema["required"] = [cls.file_field, *schema.get("required", [])]

@@ -33,6 +33,7 @@ from starlette.routing import Route
 from .classifier import Classifier
 from .errors import AuthError, PromptclipError, RequestError, ServiceConfigError
 from .http_errors import http_status, public_error_response
+from .openapi import openapi_document
 from .request_parsing import (
     ClassifyBatchInput,
     ClassifyInput,
@@ -214,8 +215,16 @@ async def _info(request: Request) -> JSONResponse:
     return JSONResponse(HealthResponse(**body).model_dump())
 
 
-#: Mounted passively at "/": only these paths are taken, every other path stays BentoML's.
-EXTRA_ROUTES = Starlette(routes=[Route("/info", _info, methods=["GET"])])
+async def _openapi(request: Request) -> JSONResponse:
+    """``GET /docs.json`` (what BentoML's UI at ``/`` reads) and ``GET /openapi.json``: :mod:`serving.openapi`."""
+    return JSONResponse(openapi_document())
+
+
+#: Mounted passively at "/": only these paths are taken, every other path stays BentoML's (this mount comes before
+#: BentoML's own ``/docs.json`` route, so the true document replaces BentoML's).
+EXTRA_ROUTES = Starlette(routes=[Route("/info", _info, methods=["GET"]),
+                                 Route("/docs.json", _openapi, methods=["GET"]),
+                                 Route("/openapi.json", _openapi, methods=["GET"])])
 
 PromptclipService.mount_asgi_app(EXTRA_ROUTES, path="/", name="promptclip-extra")
 PromptclipService.add_asgi_middleware(UploadLimitMiddleware)

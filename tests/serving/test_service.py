@@ -454,3 +454,75 @@ def test_service_import_and_classification_are_torch_free(synthetic_bundle, mult
                           cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch-free ok" in proc.stdout
+
+
+# -- the OpenAPI document and a bounded schemathesis run ---------------------------------------------
+
+
+def test_openapi_document_is_the_service(client):
+    """Issue 16 item 8: the served document is serving.openapi's: every status, the real error body, uploads as
+    OpenAPI 3 binary, `names: []` refused by the schema as by the service."""
+    from serving.openapi import openapi_document
+
+    doc = client.get("/docs.json").json()
+    assert doc == openapi_document() == client.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    form = doc["paths"]["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["image"] == {**form["properties"]["image"], "type": "string", "format": "binary"}
+    assert '"type": "file"' not in json.dumps(doc)
+    add = doc["paths"]["/add_classes"]["post"]
+    assert {"200", "401", "413", "415", "422", "503"} <= set(add["responses"])
+    assert add["responses"]["422"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"}
+    assert add["requestBody"]["content"]["application/json"]["schema"]["properties"]["names"]["minItems"] == 1
+    assert {"400", "413", "422"} <= set(doc["paths"]["/classify"]["post"]["responses"])
+
+
+try:
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+except ImportError as _exc:  # the dev extra installs it: a missing one is an error, not a skip
+    raise ImportError(f"schemathesis is needed by the serving tests: pip install -e '.[dev]' ({_exc})") from _exc
+
+#: Examples per operation and mode (valid, invalid): 9 operations x 2 x 12 stay under ~30 s on 2 cores.
+SCHEMATHESIS_EXAMPLES = 12
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(client):
+    """A bounded schema-driven run over the served document: no 5xx, every status documented, every body matching
+    its documented schema (with the token, so the write endpoints are exercised past auth)."""
+    schema = schemathesis.openapi.from_asgi("/docs.json", _app())
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    counts: dict[str, int] = {}
+    statuses: dict[int, int] = {}
+    def run_operation(operation, mode) -> None:
+        @settings(max_examples=SCHEMATHESIS_EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(mode))
+        def run(case) -> None:
+            response = case.call_and_validate(headers=AUTH, checks=checks)
+            counts[operation.label] = counts.get(operation.label, 0) + 1
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        run()
+
+    from serving.openapi import openapi_document
+
+    paths = openapi_document()["paths"]
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        has_body = "requestBody" in paths[operation.path][operation.method.lower()]
+        # valid requests, and invalid ones where there is something to get wrong (GET probes take no input)
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if has_body else (GenerationMode.POSITIVE,):
+            run_operation(operation, mode)
+    assert len(counts) == 9, counts
+    assert sum(counts.values()) >= 9 * 10
+    assert not [s for s in statuses if s >= 500], statuses
+    print(f"schemathesis: {sum(counts.values())} cases, statuses {dict(sorted(statuses.items()))}")
