@@ -19,13 +19,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from .batching import MicroBatcher
 from .bundle import Bundle, load_bundle, load_class_embeddings
 from .classes import ClassRegistry
 from .embedding_store import EmbeddingStore, text_encoder_key
@@ -70,6 +72,9 @@ class Classifier:
         max_request_pixels: most decoded pixels of all images of one :meth:`classify_bytes` call together
             (after JPEG draft reduction); checked from the headers before anything is decoded.
         cache_size: most runtime-encoded class embeddings kept in memory (LRU).
+        micro_batching: run the image graph for concurrent calls in shared batches (:mod:`serving.batching`).
+        on_image_batch, on_text_encode: observers (metrics): images per image-graph run; texts and seconds per
+            text encoding.
     """
 
     def __init__(
@@ -85,6 +90,9 @@ class Classifier:
         max_image_pixels: int | None = None,
         max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         cache_size: int = 20000,
+        micro_batching: bool = False,
+        on_image_batch: Callable[[int], None] | None = None,
+        on_text_encode: Callable[[int, float], None] | None = None,
     ) -> None:
         self.bundle = bundle
         self.runtime = runtime
@@ -106,6 +114,11 @@ class Classifier:
         self._bundle_rows = {class_name_key(name): i for i, name in enumerate(bundle.class_names)}
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # name -> [S, D]
         self._cache_size = int(cache_size)
+        self._on_image_batch = on_image_batch
+        self._on_text_encode = on_text_encode
+        self._batcher: MicroBatcher | None = None
+        if micro_batching:
+            self._batcher = MicroBatcher(self._encode_images, max_batch=IMAGE_BATCH, on_batch=on_image_batch)
         self._lock = threading.Lock()
         self._active: tuple[int, list[str], np.ndarray] | None = None  # (version, names, [S, C, D])
         # Embeddings of the registered runtime classes, persisted next to the class list (restarts do not re-encode)
@@ -132,6 +145,9 @@ class Classifier:
         max_image_bytes: int | None = None,
         max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         warmup: bool = True,
+        micro_batching: bool = False,
+        on_image_batch: Callable[[int], None] | None = None,
+        on_text_encode: Callable[[int, float], None] | None = None,
         start_empty: bool = False,
         expected_digest: str | None = None,
     ) -> Classifier:
@@ -156,7 +172,8 @@ class Classifier:
         tokenizer = registry.tokenizer
         rt = create_runtime(bundle, runtime, **kwargs)
         clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes, max_add_names=max_add_names,
-                  max_image_bytes=max_image_bytes, max_request_pixels=max_request_pixels)
+                  max_image_bytes=max_image_bytes, max_request_pixels=max_request_pixels,
+                  micro_batching=micro_batching, on_image_batch=on_image_batch, on_text_encode=on_text_encode)
         if warmup:
             clf._active_classes()
         return clf
@@ -212,10 +229,8 @@ class Classifier:
         cfg = self.bundle.preprocessing
         for start in range(0, len(images), IMAGE_BATCH):
             pixels = preprocess(images[start:start + IMAGE_BATCH], cfg)
-            if self._num_sets == 1:
-                image_embeds, weights = self.runtime.run_image(pixels), None
-            else:
-                image_embeds, weights = self.runtime.run_image_and_weights(pixels)
+            image_embeds, weights = (self._batcher.encode(pixels) if self._batcher is not None
+                                     else self._encode_images(pixels))
             results.extend(self._rank(image_embeds, weights, names, matrix, k))
         return results, version
 
@@ -256,6 +271,16 @@ class Classifier:
                 f"most {self.max_request_pixels:,} (PROMPTCLIP_MAX_REQUEST_PIXELS): send smaller images (JPEGs are "
                 "reduced while decoding, other formats are not) or fewer per request",
                 field="image" if len(blobs) == 1 else "images")
+
+    def _encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image graph on ``pixels``: embeddings ``[B, D]`` and, with several prompt sets, weights ``[B, S]``."""
+        if self._num_sets == 1:
+            out: tuple[np.ndarray, np.ndarray | None] = (self.runtime.run_image(pixels), None)
+        else:
+            out = self.runtime.run_image_and_weights(pixels)
+        if self._batcher is None and self._on_image_batch is not None:
+            self._on_image_batch(len(pixels))
+        return out
 
     def _check_top_k(self, top_k: int | None, num_classes: int) -> int:
         if top_k is None:
@@ -374,7 +399,11 @@ class Classifier:
     def _encode_all_sets(self, names: Sequence[str]) -> np.ndarray:
         """``[N, S, D]`` embeddings of ``names`` by every prompt set's text graph and template."""
         names = list(names)
-        return np.ascontiguousarray(np.stack([self._encode_set(names, k) for k in range(self._num_sets)], axis=1))
+        t0 = time.perf_counter()
+        out = np.ascontiguousarray(np.stack([self._encode_set(names, k) for k in range(self._num_sets)], axis=1))
+        if self._on_text_encode is not None and names:
+            self._on_text_encode(len(names), time.perf_counter() - t0)
+        return out
 
     def _encode_set(self, names: list[str], prompt_set: int) -> np.ndarray:
         """``[N, D]`` embeddings of ``names`` in prompt set ``prompt_set``'s template, by its text graph."""

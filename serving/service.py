@@ -33,6 +33,7 @@ from starlette.routing import Route
 from .classifier import Classifier
 from .errors import AuthError, PromptclipError, RequestError, ServiceConfigError
 from .http_errors import http_status, public_error_response
+from .metrics import ServiceMetrics
 from .openapi import openapi_document
 from .request_parsing import (
     ClassifyBatchInput,
@@ -78,11 +79,13 @@ class PromptclipService:
             package_logger.setLevel(logging.INFO)
         self.settings = ServiceSettings.from_env()
         s = self.settings
+        self.metrics = ServiceMetrics.get()
         self.classifier = Classifier.from_bundle(
             s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
             start_empty=s.start_empty, expected_digest=s.bundle_digest, max_add_names=s.max_add_names,
             max_adhoc_classes=s.max_adhoc_classes, max_request_pixels=s.max_request_pixels,
-            max_classes=s.max_classes)
+            max_classes=s.max_classes, micro_batching=s.micro_batching, on_image_batch=self.metrics.on_image_batch,
+            on_text_encode=self.metrics.on_text_encode)
         if s.api_token is None and s.open_writes:
             logger.warning("!!! PROMPTCLIP_OPEN_WRITES is set and PROMPTCLIP_API_TOKEN is not: /add_classes and "
                            "/remove_classes are OPEN to every client that can reach this service !!!")
@@ -107,6 +110,14 @@ class PromptclipService:
             return False
         return True
 
+    def __metrics__(self, content: str) -> str:
+        """BentoML's ``GET /metrics`` hook: refresh the class-count gauge, pass the text through."""
+        try:
+            self.metrics.classes.set(len(self.classifier.registry))
+        except Exception:  # noqa: BLE001 - metrics never fail the scrape
+            logger.exception("cannot update promptclip_classes")
+        return content
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def _respond(self, ctx: bentoml.Context, parsed: ParsedRequest, handler: Callable[[ParsedRequest], Any], *,
@@ -126,6 +137,7 @@ class PromptclipService:
             else:  # the access log already records the status
                 logger.debug("%s %s -> %d %s: %s", ctx.request.method, ctx.request.url.path, status,
                              type(exc).__name__, exc)
+            self.metrics.on_error(type(exc).__name__, status)
             ctx.response.status_code = status  # BentoML copies the context status onto the response
             return public_error_response(exc)
 

@@ -16,6 +16,8 @@
 * ``PROMPTCLIP_MAX_REQUEST_PIXELS`` (default 40,000,000): decoded pixels of one request's images together (JPEGs
   count at the reduced scale they are decoded at); 413 from the headers, before decoding.
 * ``PROMPTCLIP_MAX_CLASSES`` (default 10,000): most classes the registered list may hold.
+* ``PROMPTCLIP_BATCHING`` (default ``1``): adaptive micro-batching of concurrent requests' images in one worker
+  (:mod:`serving.batching`); ``0`` runs each request's images alone.
 * ``PROMPTCLIP_MAX_BATCH_IMAGES`` (default 32), ``PROMPTCLIP_RUNTIME`` (``auto``/``ort``),
   ``PROMPTCLIP_THREADS`` (request threads per worker, read when the service module is imported; default 4).
 * ``PROMPTCLIP_WORKERS``: worker processes (read when the service module is imported; default 1); all of them
@@ -55,9 +57,11 @@ def _env_int(environ: Mapping[str, str], name: str, default: int, *, minimum: in
     return value
 
 
-def _env_bool(environ: Mapping[str, str], name: str) -> bool:
+def _env_bool(environ: Mapping[str, str], name: str, default: bool = False) -> bool:
     raw = environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no"):
+    if not raw:
+        return default
+    if raw in ("0", "false", "no"):
         return False
     if raw in ("1", "true", "yes"):
         return True
@@ -76,6 +80,7 @@ class ServiceSettings:
     runtime: str = "auto"
     start_empty: bool = False
     open_writes: bool = False
+    micro_batching: bool = True
     bundle_digest: str | None = None
     max_add_names: int = 256
     max_adhoc_classes: int = 256
@@ -106,6 +111,7 @@ class ServiceSettings:
             runtime=env.get("PROMPTCLIP_RUNTIME", "auto").strip() or "auto",
             start_empty=_env_bool(env, "PROMPTCLIP_START_EMPTY"),
             open_writes=_env_bool(env, "PROMPTCLIP_OPEN_WRITES"),
+            micro_batching=_env_bool(env, "PROMPTCLIP_BATCHING", default=True),
             bundle_digest=env.get("PROMPTCLIP_BUNDLE_DIGEST", "").strip() or None,
             max_add_names=_env_int(env, "PROMPTCLIP_MAX_ADD_NAMES", cls.max_add_names),
             max_adhoc_classes=_env_int(env, "PROMPTCLIP_MAX_ADHOC_CLASSES", cls.max_adhoc_classes),

@@ -206,6 +206,11 @@ def test_workers_start_n_processes_over_one_class_list(synthetic_bundle, tmp_pat
                 got = c.post("/classify", files={"image": ("x.png", _png_bytes(), "image/png")}, data={"top_k": "7"})
                 assert got.status_code == 200 and got.json()["classes_version"] == version, got.text
                 pids.add(c.post("/healthz").json()["worker_pid"])
+            metrics = c.get("/metrics")
+            assert metrics.status_code == 200
+            for name in ("promptclip_classes", "promptclip_image_batch_size_count", "promptclip_text_encode_seconds",
+                         "bentoml_service_request_total"):
+                assert name in metrics.text, name
         assert pids <= set(workers)
 
 

@@ -22,7 +22,7 @@ MAX_UPLOAD = 200_000
 ENV_KEYS = ("PROMPTCLIP_BUNDLE", "PROMPTCLIP_STATE_DIR", "PROMPTCLIP_API_TOKEN", "PROMPTCLIP_MAX_UPLOAD_BYTES",
             "PROMPTCLIP_MAX_BATCH_IMAGES", "PROMPTCLIP_RUNTIME", "PROMPTCLIP_START_EMPTY", "PROMPTCLIP_MAX_ADD_NAMES",
             "PROMPTCLIP_MAX_ADHOC_CLASSES", "PROMPTCLIP_MAX_REQUEST_PIXELS", "PROMPTCLIP_MAX_CLASSES",
-            "PROMPTCLIP_OPEN_WRITES", "PROMPTCLIP_BUNDLE_DIGEST")
+            "PROMPTCLIP_OPEN_WRITES", "PROMPTCLIP_BUNDLE_DIGEST", "PROMPTCLIP_BATCHING")
 
 
 _APP = None
@@ -376,6 +376,21 @@ def test_classes_form_field_accepts_json_comma_separated_and_repeated(client, im
     assert listed.status_code == 200
     assert_error(client.post("/add_classes", json={"names": ["red circle"]}, headers=AUTH), 422, "ClassNameError",
                  contains="ignoring case")
+
+
+def test_prometheus_metrics_include_ours(client, image_bytes):
+    """Issue 16: BentoML's metrics plus classes, encode time, batch sizes and errors by kind."""
+    assert client.post("/classify", files={"image": _png(image_bytes)},
+                       data={"classes": "zebra,okapi"}).status_code == 200
+    assert client.post("/classify", files={"image": ("x.png", b"nope", "image/png")}).status_code == 400
+    # in process BentoML's GET /metrics never answers (its multiprocess collector); the real-server test in
+    # test_processes.py reads GET /metrics, here the process registry is read directly
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    for name in ("promptclip_text_encode_seconds_count", "promptclip_image_batch_size_count",
+                 'promptclip_errors_total{error="ImageDecodeError",status="400"}'):
+        assert name in text, name
 
 
 def test_writes_are_closed_without_a_token_unless_opened(synthetic_bundle, tmp_path, caplog):
