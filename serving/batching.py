@@ -34,7 +34,7 @@ class MicroBatcher:
         self._encode = encode
         self.max_batch = int(max_batch)
         self._on_batch = on_batch
-        self._queue: queue.SimpleQueue[tuple[np.ndarray, Future]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[np.ndarray, Future] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="promptclip-image-batcher", daemon=True)
         self._thread.start()
 
@@ -44,17 +44,27 @@ class MicroBatcher:
         self._queue.put((pixels, fut))
         return fut.result()
 
+    def close(self) -> None:
+        """Stop the batching thread once the calls already queued have run."""
+        self._queue.put(None)
+
     def _loop(self) -> None:
         pending: tuple[np.ndarray, Future] | None = None
-        while True:
+        closing = False
+        while not closing:
             first = pending or self._queue.get()
             pending = None
+            if first is None:
+                return
             items = [first]
             size = len(first[0])
             while size < self.max_batch:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
+                    break
+                if item is None:  # run what is queued, then stop
+                    closing = True
                     break
                 if size + len(item[0]) > self.max_batch:
                     pending = item  # starts the next batch

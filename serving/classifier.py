@@ -272,6 +272,11 @@ class Classifier:
                 "reduced while decoding, other formats are not) or fewer per request",
                 field="image" if len(blobs) == 1 else "images")
 
+    def close(self) -> None:
+        """Stop the micro-batching thread (the classifier is not used afterwards)."""
+        if self._batcher is not None:
+            self._batcher.close()
+
     def _encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The image graph on ``pixels``: embeddings ``[B, D]`` and, with several prompt sets, weights ``[B, S]``."""
         if self._num_sets == 1:

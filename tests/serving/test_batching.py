@@ -37,6 +37,14 @@ def test_concurrent_callers_share_batches_and_get_their_own_rows():
     assert max(sizes) > 1 and max(sizes) <= 8, sizes
 
 
+def test_close_stops_the_thread():
+    batcher = MicroBatcher(lambda p: (p, None), max_batch=2)
+    assert batcher.encode(np.ones((1, 1), np.float32))[0].shape == (1, 1)
+    batcher.close()
+    batcher._thread.join(timeout=5)
+    assert not batcher._thread.is_alive()
+
+
 def test_an_encoder_error_reaches_every_caller_of_the_batch():
     def encode(pixels):
         raise RuntimeError("boom")
