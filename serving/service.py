@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .classes import ClassStateError
 from .classifier import Classifier
 from .errors import AuthError, PromptclipError, RequestError, ServiceConfigError
 from .http_errors import http_status, public_error_response
@@ -80,12 +83,17 @@ class PromptclipService:
         self.settings = ServiceSettings.from_env()
         s = self.settings
         self.metrics = ServiceMetrics.get()
-        self.classifier = Classifier.from_bundle(
-            s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
-            start_empty=s.start_empty, expected_digest=s.bundle_digest, max_add_names=s.max_add_names,
-            max_adhoc_classes=s.max_adhoc_classes, max_request_pixels=s.max_request_pixels,
-            max_classes=s.max_classes, micro_batching=s.micro_batching, on_image_batch=self.metrics.on_image_batch,
-            on_text_encode=self.metrics.on_text_encode)
+        self._classifier: Classifier | None = None
+        self._load_lock = threading.Lock()
+        self._next_load = 0.0
+        try:
+            self._classifier = self._load()
+        except ClassStateError as exc:
+            # No crash loop (BentoML would restart the worker forever while every request hangs): the worker runs
+            # not ready, answers 503, and loads again once the state is fixed. (`promptclip serve` refuses to start
+            # on such a state before the server starts.)
+            logger.critical("class state unreadable at start-up; not ready until it is fixed: %s", exc)
+            self._next_load = time.monotonic() + self.RELOAD_INTERVAL_S
         if s.api_token is None and s.open_writes:
             logger.warning("!!! PROMPTCLIP_OPEN_WRITES is set and PROMPTCLIP_API_TOKEN is not: /add_classes and "
                            "/remove_classes are OPEN to every client that can reach this service !!!")
@@ -96,9 +104,41 @@ class PromptclipService:
             logger.warning("PROMPTCLIP_OPEN_WRITES is ignored: PROMPTCLIP_API_TOKEN is set, writes need it")
         if s.state_dir is None:
             logger.warning("PROMPTCLIP_STATE_DIR is not set: class changes are per worker and lost on restart")
-        info = self.classifier.info()
-        logger.info("promptclip service ready: method=%s, %d classes, runtime=%s %s", info["method"],
-                    info["num_classes"], info["runtime"], info["providers"])
+        if self._classifier is not None:
+            info = self._classifier.info()
+            logger.info("promptclip service ready: method=%s, %d classes, runtime=%s %s", info["method"],
+                        info["num_classes"], info["runtime"], info["providers"])
+
+    #: Seconds between attempts to load a classifier whose class state was unreadable at start-up.
+    RELOAD_INTERVAL_S = 5.0
+
+    def _load(self) -> Classifier:
+        s = self.settings
+        return Classifier.from_bundle(
+            s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
+            start_empty=s.start_empty, expected_digest=s.bundle_digest, max_add_names=s.max_add_names,
+            max_adhoc_classes=s.max_adhoc_classes, max_request_pixels=s.max_request_pixels,
+            max_classes=s.max_classes, micro_batching=s.micro_batching, on_image_batch=self.metrics.on_image_batch,
+            on_text_encode=self.metrics.on_text_encode)
+
+    @property
+    def classifier(self) -> Classifier:
+        """The classifier; while the class state is unreadable since start-up, a new load is tried at most every
+        :attr:`RELOAD_INTERVAL_S` and :class:`ClassStateError` (503) is raised meanwhile."""
+        clf = self._classifier
+        if clf is not None:
+            return clf
+        with self._load_lock:
+            if self._classifier is None:
+                if time.monotonic() < self._next_load:
+                    raise ClassStateError("class state unreadable since start-up (see the log)")
+                try:
+                    self._classifier = self._load()
+                except ClassStateError:
+                    self._next_load = time.monotonic() + self.RELOAD_INTERVAL_S
+                    raise
+                logger.info("class state readable again: the service is ready")
+            return self._classifier
 
     def __is_ready__(self) -> bool:
         """Readiness (BentoML's ``GET /readyz``): bundle loaded, runtime warm (both done in ``__init__``) and the

@@ -393,6 +393,27 @@ def test_prometheus_metrics_include_ours(client, image_bytes):
         assert name in text, name
 
 
+def test_a_corrupt_state_at_start_up_gives_a_not_ready_service_not_a_crash_loop(synthetic_bundle, tmp_path,
+                                                                                 monkeypatch):
+    """`bentoml serve` directly (a Bento container): the worker starts not ready and answers 503 without paths (no
+    restart loop, no hanging requests), and becomes ready once the state file is fixed."""
+    from serving.service import PromptclipService
+
+    monkeypatch.setattr(PromptclipService.inner, "RELOAD_INTERVAL_S", 0.0)
+    (tmp_path / "classes.json").write_text("{oops")
+    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path),
+           "PROMPTCLIP_API_TOKEN": TOKEN}
+    with running(env) as c:
+        assert c.get("/readyz").status_code == 503
+        body = assert_error(c.post("/classes"), 503, "ClassStateError")
+        assert str(tmp_path) not in json.dumps(body)
+        assert c.get("/info").status_code == 503
+        (tmp_path / "classes.json").write_text(json.dumps(
+            {"format": "promptclip.classes", "format_version": 1, "version": 2, "names": ["cat", "zebra"]}))
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/classes").json()["names"] == ["cat", "zebra"]
+
+
 def test_writes_are_closed_without_a_token_unless_opened(synthetic_bundle, tmp_path, caplog):
     """Issue 16, safe defaults: no token means no class changes; reads stay open."""
     env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path)}
