@@ -16,12 +16,13 @@ With one set this is ``logit_scale * f @ T.T`` exactly as before.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,14 +32,15 @@ from .batching import MicroBatcher
 from .bundle import Bundle, load_bundle, load_class_embeddings
 from .classes import ClassRegistry
 from .embedding_store import EmbeddingStore, text_encoder_key
-from .errors import BundleError, ImageDecodeError, PayloadTooLargeError, RequestError
+from .errors import BundleError, ImageDecodeError, PayloadTooLargeError, PromptclipError, RequestError
 from .format import class_name_key
 from .manifest import DIGEST_PREFIX, bundle_digest
 from .preprocess import decode_image, decoded_size, preprocess
 from .runtime import Runtime, create_runtime
 from .tokenizer import ClipTokenizer
 
-__all__ = ["Classifier", "DEFAULT_TOP_K", "open_class_registry", "check_bundle_digest"]
+__all__ = ["Classifier", "DEFAULT_TOP_K", "open_class_registry", "check_bundle_digest", "DeadlineExceededError",
+           "deadline_scope"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,32 @@ DEFAULT_MAX_REQUEST_PIXELS = 40_000_000
 #: A JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) while both sides stay >= this many times the model's input
 #: size, so the antialiased resize that follows still has at least this factor of oversampling.
 DRAFT_MARGIN = 2
+
+
+class DeadlineExceededError(PromptclipError):
+    """A request's work ran past its deadline and was abandoned (between two encoder batches)."""
+
+
+_deadline = threading.local()  # the deadline (time.monotonic()) of the call running in this thread, if any
+
+
+@contextlib.contextmanager
+def deadline_scope(deadline: float | None) -> Iterator[None]:
+    """Within the block, this thread's encoder loops stop with :class:`DeadlineExceededError` once
+    ``time.monotonic()`` passes ``deadline`` (``None``: no deadline)."""
+    previous = getattr(_deadline, "at", None)
+    _deadline.at = deadline
+    try:
+        yield
+    finally:
+        _deadline.at = previous
+
+
+def _check_deadline(what: str) -> None:
+    at = getattr(_deadline, "at", None)
+    if at is not None and time.monotonic() > at:
+        raise DeadlineExceededError(f"the request ran past its deadline while {what}; the work was abandoned -- send "
+                                    "fewer images or class names per request, or retry when the server is less busy")
 
 
 class Classifier:
@@ -228,6 +256,7 @@ class Classifier:
         results: list[list[dict]] = []
         cfg = self.bundle.preprocessing
         for start in range(0, len(images), IMAGE_BATCH):
+            _check_deadline("encoding images")
             pixels = preprocess(images[start:start + IMAGE_BATCH], cfg)
             image_embeds, weights = (self._batcher.encode(pixels) if self._batcher is not None
                                      else self._encode_images(pixels))
@@ -418,6 +447,7 @@ class Classifier:
         texts = [template.format(n) for n in names]
         chunks = []
         for start in range(0, len(texts), TEXT_BATCH):
+            _check_deadline("encoding class names")
             ids = self.tokenizer(texts[start:start + TEXT_BATCH])  # raises ClassNameError, never truncates
             chunks.append(self.runtime.run_text(ids, prompt_set))
         return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from starlette.responses import JSONResponse
 
 from .classes import ClassStateError
+from .classifier import DeadlineExceededError
 from .errors import (
     AuthError,
     BundleError,
@@ -49,6 +50,7 @@ STATUS_BY_ERROR: Mapping[type[PromptclipError], int] = MappingProxyType({
     RequestError: 422,
     BundleError: 500,
     ClassStateError: 503,
+    DeadlineExceededError: 504,
     RuntimeUnavailableError: 500,
     ServiceConfigError: 500,
 })

@@ -37,7 +37,8 @@ ERROR_STATUSES: dict[int, str] = {
     500: "A server-side fault (BundleError, RuntimeUnavailableError, ServiceConfigError); no server detail is "
          "included.",
     503: "The class list is unreadable on the server (ClassStateError); readiness fails until it is fixed.",
-    504: "The request ran past the server's timeout (answered by BentoML, with its own body).",
+    504: "The request ran past its deadline and its work was abandoned (DeadlineExceededError), or past BentoML's "
+         "timeout (BentoML's body: `error` only).",
 }
 #: BentoML's body for a request past ``traffic.timeout``.
 _TIMEOUT_BODY = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}

@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .classes import ClassStateError
-from .classifier import Classifier
+from .classifier import Classifier, deadline_scope
 from .errors import AuthError, PromptclipError, RequestError, ServiceConfigError
 from .http_errors import http_status, public_error_response
 from .metrics import ServiceMetrics
@@ -168,7 +168,8 @@ class PromptclipService:
                 self._check_auth(ctx)
             if parsed.error is not None:
                 raise parsed.error
-            return handler(parsed)
+            with deadline_scope(time.monotonic() + self.settings.request_deadline_s):
+                return handler(parsed)
         except PromptclipError as exc:
             status = http_status(exc)
             if status >= 500:

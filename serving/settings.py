@@ -16,6 +16,9 @@
 * ``PROMPTCLIP_MAX_REQUEST_PIXELS`` (default 40,000,000): decoded pixels of one request's images together (JPEGs
   count at the reduced scale they are decoded at); 413 from the headers, before decoding.
 * ``PROMPTCLIP_MAX_CLASSES`` (default 10,000): most classes the registered list may hold.
+* ``PROMPTCLIP_REQUEST_DEADLINE_S`` (default 110, under BentoML's 120 s request timeout): a request's encoder
+  work stops (504) once this many seconds have passed since it started, instead of running on after the client
+  had its answer.
 * ``PROMPTCLIP_BATCHING`` (default ``1``): adaptive micro-batching of concurrent requests' images in one worker
   (:mod:`serving.batching`); ``0`` runs each request's images alone.
 * ``PROMPTCLIP_MAX_BATCH_IMAGES`` (default 32), ``PROMPTCLIP_RUNTIME`` (``auto``/``ort``),
@@ -81,6 +84,7 @@ class ServiceSettings:
     start_empty: bool = False
     open_writes: bool = False
     micro_batching: bool = True
+    request_deadline_s: int = 110
     bundle_digest: str | None = None
     max_add_names: int = 256
     max_adhoc_classes: int = 256
@@ -112,6 +116,7 @@ class ServiceSettings:
             start_empty=_env_bool(env, "PROMPTCLIP_START_EMPTY"),
             open_writes=_env_bool(env, "PROMPTCLIP_OPEN_WRITES"),
             micro_batching=_env_bool(env, "PROMPTCLIP_BATCHING", default=True),
+            request_deadline_s=_env_int(env, "PROMPTCLIP_REQUEST_DEADLINE_S", cls.request_deadline_s),
             bundle_digest=env.get("PROMPTCLIP_BUNDLE_DIGEST", "").strip() or None,
             max_add_names=_env_int(env, "PROMPTCLIP_MAX_ADD_NAMES", cls.max_add_names),
             max_adhoc_classes=_env_int(env, "PROMPTCLIP_MAX_ADHOC_CLASSES", cls.max_adhoc_classes),
