@@ -35,6 +35,7 @@ from serving.manifest import (
     PromptSets,
     TensorSpec,
     TextInfo,
+    bundle_digest,
     bundle_versions,
     sha256_file,
     write_manifest,
@@ -188,7 +189,8 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("bundle written to %s (%d classes, %d prompt set(s); image parity max abs %.1e, logits min cosine "
-             "%.7f)", out, len(names), num_sets, parity["image"]["max_abs"], parity["logits"]["min_cosine"])
+             "%.7f); digest %s", out, len(names), num_sets, parity["image"]["max_abs"], parity["logits"]["min_cosine"],
+             bundle_digest(out))
     return out
 
 

@@ -5,6 +5,7 @@ Torch-free: ``promptclip serve`` runs on a serving host.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -16,6 +17,11 @@ from typing import Any
 
 import httpx
 
+logger = logging.getLogger(__name__)
+
+#: seconds a stopped server gets to exit after SIGTERM before its process group is killed
+STOP_GRACE_S = 10.0
+
 #: what ``bentoml serve`` loads (bentofile.yaml names the same service)
 SERVICE_IMPORT_PATH = "serving.service:PromptclipService"
 #: the folder that holds the ``serving`` package: the server process runs there so it can import the service
@@ -23,24 +29,86 @@ SERVICE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def serve_env(bundle: str | os.PathLike, state_dir: str | os.PathLike | None,
-              token: str | None = None) -> dict[str, str]:
-    """Environment for a BentoML server process on ``bundle``."""
+              token: str | None = None, *, workers: int | None = None,
+              extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a BentoML server process on ``bundle`` (``workers``: ``PROMPTCLIP_WORKERS``, which the
+    service's decorator reads; ``extra``: further ``PROMPTCLIP_*`` settings)."""
     env = dict(os.environ)
     env["PROMPTCLIP_BUNDLE"] = str(Path(bundle).resolve())
     if state_dir:
         env["PROMPTCLIP_STATE_DIR"] = str(Path(state_dir).resolve())
     if token:
         env["PROMPTCLIP_API_TOKEN"] = token
+    if workers:
+        env["PROMPTCLIP_WORKERS"] = str(int(workers))
+    env.update(extra or {})
     env.setdefault("BENTOML_DO_NOT_TRACK", "true")
     return env
 
 
-def serve_command(port: int, host: str, workers: int | None = None) -> list[str]:
-    """argv of ``bentoml serve`` for the promptclip service (run from :data:`SERVICE_ROOT`)."""
-    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT_PATH, "--host", host, "--port", str(port)]
-    if workers:
-        cmd += ["--api-workers", str(workers)]
-    return cmd
+def serve_command(port: int, host: str) -> list[str]:
+    """argv of ``bentoml serve`` for the promptclip service (run from :data:`SERVICE_ROOT`). The number of worker
+    processes is not a flag of ``bentoml serve`` 1.4: it travels in ``PROMPTCLIP_WORKERS`` (:func:`serve_env`)."""
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE_IMPORT_PATH, "--host", host, "--port", str(port)]
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def supervise(cmd: list[str], env: dict[str, str], cwd: str | os.PathLike, *,
+              grace_s: float = STOP_GRACE_S) -> int:
+    """Run ``cmd`` as the leader of its own process group and own that tree: SIGTERM, SIGINT and SIGHUP to this
+    process are forwarded to the whole group as SIGTERM, anything still alive ``grace_s`` later is SIGKILLed, and
+    nothing of the group outlives this function (so the port is free when it returns).
+
+    Returns 0 when stopped by a signal and the server exited cleanly, else the server's exit status (a server
+    that exits by itself, e.g. on a start-up error, passes its non-zero status through)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), start_new_session=True)
+    pgid = proc.pid
+    stop_requested: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        if not stop_requested:
+            logger.info("received %s: stopping the server (process group %d)", signal.Signals(signum).name, pgid)
+        stop_requested.append(signum)
+        _kill_group(pgid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        # the leader is gone (or we are unwinding): give the rest of the group the grace period, then kill it
+        if proc.poll() is None or _group_alive(pgid):
+            _kill_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while (proc.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.poll() is None or _group_alive(pgid):
+            logger.warning("server did not stop within %.0f s of SIGTERM: killing process group %d", grace_s, pgid)
+            _kill_group(pgid, signal.SIGKILL)
+            proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop_requested:
+        return 0 if rc in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else rc
+    return rc
 
 
 def free_port() -> int:
@@ -51,14 +119,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A real ``bentoml serve`` process on loopback, started and stopped by pid."""
+    """A real ``bentoml serve`` process on loopback, started and stopped by pid. For the demo, the tests and the
+    benchmarks: without a ``token`` its class changes are open (``open_writes`` defaults to ``token is None``);
+    ``promptclip serve`` never opens them unless asked."""
 
     def __init__(self, bundle: Path, *, port: int | None = None, state_dir: Path | None = None,
-                 token: str | None = None, log_path: Path | None = None) -> None:
+                 token: str | None = None, log_path: Path | None = None, workers: int | None = None,
+                 extra_env: dict[str, str] | None = None, open_writes: bool | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = serve_env(bundle, state_dir, token)
+        extra = dict(extra_env or {})
+        if open_writes if open_writes is not None else token is None:
+            # a loopback process for the demo, tests and benchmarks: writes open unless a token is given
+            extra.setdefault("PROMPTCLIP_OPEN_WRITES", "1")
+        env = serve_env(bundle, state_dir, token, workers=workers, extra=extra)
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(serve_command(self.port, "127.0.0.1"), env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=str(SERVICE_ROOT), start_new_session=True)

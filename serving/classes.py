@@ -24,8 +24,9 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,16 +41,26 @@ except ImportError:  # pragma: no cover - Windows
 if TYPE_CHECKING:
     from .tokenizer import ClipTokenizer
 
-__all__ = ["ClassRegistry", "ClassStateError", "STATE_FILE", "MAX_NAME_CHARS"]
+__all__ = ["ClassRegistry", "ClassStateError", "STATE_FILE", "MARKER_FILE", "MAX_NAME_CHARS",
+           "remove_stale_temp_files"]
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "classes.json"
 LOCK_FILE = "classes.lock"
+#: Written next to the state file when it is first created: a state dir holding this marker but no state file has
+#: lost its state, which is refused unless the caller says to start empty (``start_empty=True``).
+MARKER_FILE = "classes.created"
+#: Prefixes of the temp files the state directory's writers create (``.<prefix>*.tmp``): the class list's and the
+#: runtime class embeddings' (:mod:`serving.embedding_store`).
+TEMP_PREFIXES = (".classes.", ".class_embeddings.")
 #: Longest class name accepted, in characters (after whitespace normalisation).
 MAX_NAME_CHARS = 200
 _RESERVED_TOKENS = ("<start_of_text>", "<end_of_text>")
 _BAD_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})  # control, format (zero-width, bidi overrides), lone surrogates
+#: Format characters that are part of writing, not hiding: ZERO WIDTH NON-JOINER (Persian, Hindi, ...) and ZERO WIDTH
+#: JOINER (emoji sequences such as 👩‍🔬, Indic conjuncts). Every other control/format character is refused.
+_ALLOWED_FORMAT_CHARS = frozenset({"\u200c", "\u200d"})
 
 
 class ClassStateError(PromptclipError):
@@ -70,6 +81,9 @@ class ClassRegistry:
         tokenizer: the bundle's tokenizer; names must fit its ``context_length`` inside ``template``.
         template: the text template (``"{}"`` marks the name) the names are encoded with.
         max_classes: most classes :meth:`add` lets the list grow to.
+        start_empty: start again from ``initial_names`` when ``state_dir`` once held a state file that is now
+            missing (by default that is refused with :class:`ClassStateError`: the classes added at runtime would be
+            lost silently).
     """
 
     def __init__(
@@ -80,6 +94,7 @@ class ClassRegistry:
         tokenizer: ClipTokenizer,
         template: str,
         max_classes: int = 10000,
+        start_empty: bool = False,
     ) -> None:
         if "{}" not in template:
             raise ValueError(f"template must contain '{{}}' where the class name goes, got {template!r}")
@@ -105,13 +120,29 @@ class ClassRegistry:
         except OSError as exc:
             raise ClassStateError(f"Cannot create class state directory {self.state_dir}: {exc}") from exc
         with self._lock, self._file_lock():
+            remove_stale_temp_files(self.state_dir)  # under the lock no writer is active
             if self.state_path.exists():
                 version, names, sig = self._read_state()
                 self._names, self._version, self._sig = names, version, sig
                 logger.info("loaded %d classes (version %d) from %s", len(names), version, self.state_path)
+                marker = self.state_dir / MARKER_FILE
+                if not marker.exists():  # a state dir from before the marker existed
+                    with contextlib.suppress(ClassStateError):
+                        _write_marker(marker)
             else:
+                marker = self.state_dir / MARKER_FILE
+                if marker.exists() and not start_empty:
+                    raise ClassStateError(
+                        f"class state file {self.state_path} is missing, but this state directory held one (created "
+                        f"{_read_marker(marker)}): the classes added at runtime would be lost. Restore the file from "
+                        "a backup, or start again from the bundle's classes on purpose with `promptclip serve "
+                        "--start-empty` (PROMPTCLIP_START_EMPTY=1).")
+                if marker.exists():
+                    logger.warning("class state file %s is missing: starting again from the bundle's %d classes "
+                                   "(start_empty)", self.state_path, len(initial))
                 self._write_state(1, initial)
                 self._names, self._version = initial, 1
+                _write_marker(marker)
                 logger.info("created %s with the bundle's %d classes", self.state_path, len(initial))
 
     # -- properties ----------------------------------------------------------------------------
@@ -120,6 +151,11 @@ class ClassRegistry:
     def state_path(self) -> Path | None:
         """``state_dir/classes.json``, or ``None`` for an in-memory registry."""
         return self.state_dir / STATE_FILE if self.state_dir is not None else None
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        """The bundle's tokenizer names are checked with."""
+        return self._tokenizer
 
     @property
     def template(self) -> str:
@@ -167,7 +203,7 @@ class ClassRegistry:
         if not text:
             raise ClassNameError(f"class name {_preview(name)} is empty after trimming underscores and whitespace; "
                                  "give a non-empty name", field=field)
-        bad = [c for c in text if unicodedata.category(c) in _BAD_CATEGORIES]
+        bad = [c for c in text if unicodedata.category(c) in _BAD_CATEGORIES and c not in _ALLOWED_FORMAT_CHARS]
         if bad:
             codes = ", ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(bad))
             raise ClassNameError(
@@ -194,23 +230,25 @@ class ClassRegistry:
         """:meth:`normalize_name` for each of ``names``; also refuses an empty list and repeated names."""
         return self._normalize_all(names, field=field)
 
-    def _normalize_all(self, names: Sequence[str], *, field: str) -> list[str]:
+    def _normalize_all(self, names: Sequence[str], *, field: str,
+                       identity: Callable[[str], str] = class_name_key) -> list[str]:
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
             raise ClassNameError(f"{field} must be a list of class names, got {type(names).__name__}", field=field)
         if not names:
             raise ClassNameError(f"{field} is empty; give at least one class name", field=field)
         out = [self.normalize_name(n, field=field) for n in names]
-        dups = [n for n in dict.fromkeys(out) if out.count(n) > 1] if len(set(out)) != len(out) else []
-        if dups:
+        keys = [identity(n) for n in out]
+        if len(set(keys)) != len(keys):
+            dups = [n for n, k in zip(out, keys) if keys.count(k) > 1]
             raise ClassNameError(
-                f"{field} lists {', '.join(map(_preview, dups))} more than once "
-                "(after normalisation: underscores and runs of whitespace become one space); give each name once",
+                f"{field} lists {', '.join(map(_preview, dict.fromkeys(dups)))} more than once (after normalisation: "
+                "underscores and runs of whitespace become one space, and case is ignored); give each name once",
                 field=field)
         return out
 
     def _check_initial(self, names: Sequence[str]) -> list[str]:
-        try:
-            out = self._normalize_all(list(names), field="classes")
+        try:  # exact duplicates only: bundles exported before names were compared ignoring case stay servable
+            out = self._normalize_all(list(names), field="classes", identity=str)
         except ClassNameError as exc:
             raise BundleError(f"the bundle's class list is not servable: {exc}; re-export the bundle") from exc
         changed = [(a, b) for a, b in zip(names, out) if a != b]
@@ -229,16 +267,25 @@ class ClassRegistry:
             ClassNameError: an invalid name, a name given twice, or one already registered.
             RequestError: the list would exceed ``max_classes``.
         """
+        return self.add_versioned(names)[0]
+
+    def add_versioned(self, names: Sequence[str], *,
+                      after_commit: Callable[[list[str]], None] | None = None) -> tuple[list[str], int, int]:
+        """:meth:`add`, returning ``(added, version, num_classes)`` of this very change (concurrent changes each
+        get their own, strictly increasing version). ``after_commit(names)`` runs with the new list while the file
+        lock is still held (the service persists the new classes' embeddings there)."""
         new = self._normalize_all(names, field="names")
         with self._lock, self._file_lock():
             self._reload_locked(force=True)
-            present = set(self._names)
-            already = [n for n in new if n in present]
+            present = {class_name_key(n): n for n in self._names}
+            already = [(n, present[class_name_key(n)]) for n in new if class_name_key(n) in present]
             if already:
+                shown = ", ".join(_preview(n) if n == r else f"{_preview(n)} (as {_preview(r)})"
+                                  for n, r in already[:10])
                 raise ClassNameError(
-                    f"class(es) already registered: {', '.join(map(_preview, already[:10]))}; "
-                    "remove them from the request", field="names")
-            _warn_case_twins(self._names, new)
+                    f"class(es) already registered: {shown}; remove them from the request (names are compared "
+                    "ignoring case: CLIP lowercases them, so they would get one embedding and split its score)",
+                    field="names")
             total = len(self._names) + len(new)
             if total > self.max_classes:
                 raise RequestError(
@@ -246,7 +293,10 @@ class ClassRegistry:
                     "classes first or raise the limit", field="names")
             self._commit_locked(self._names + new)
             logger.info("added %d class(es) -> %d classes, version %d", len(new), len(self._names), self._version)
-        return new
+            result = (new, self._version, len(self._names))
+            if after_commit is not None:
+                after_commit(list(self._names))
+        return result
 
     def remove(self, names: Sequence[str]) -> list[str]:
         """Remove registered class names and persist; returns the removed (normalised) names.
@@ -255,6 +305,12 @@ class ClassRegistry:
             UnknownClassError: a name is not registered.
             ClassNameError: a name given twice, or the request would remove every class.
         """
+        return self.remove_versioned(names)[0]
+
+    def remove_versioned(self, names: Sequence[str], *,
+                         after_commit: Callable[[list[str]], None] | None = None) -> tuple[list[str], int, int]:
+        """:meth:`remove`, returning ``(removed, version, num_classes)`` of this very change; ``after_commit`` as
+        in :meth:`add_versioned`."""
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
             raise ClassNameError(f"names must be a list of class names, got {type(names).__name__}")
         if not names:
@@ -262,14 +318,16 @@ class ClassRegistry:
         for n in names:
             if not isinstance(n, str):
                 raise ClassNameError(f"class names must be strings, got {type(n).__name__} {n!r:.60}")
-        wanted = [canonical_class_name(n) for n in names]
-        if len(set(wanted)) != len(wanted):
-            dups = [n for n in dict.fromkeys(wanted) if wanted.count(n) > 1]
-            raise ClassNameError(f"names lists {', '.join(map(_preview, dups))} more than once; give each name once")
+        asked = [canonical_class_name(n) for n in names]
+        keys = [class_name_key(n) for n in asked]
+        if len(set(keys)) != len(keys):
+            dups = [n for n, k in zip(asked, keys) if keys.count(k) > 1]
+            raise ClassNameError(f"names lists {', '.join(map(_preview, dict.fromkeys(dups)))} more than once (case "
+                                 "is ignored); give each name once")
         with self._lock, self._file_lock():
             self._reload_locked(force=True)
-            present = set(self._names)
-            unknown = [n for n in wanted if n not in present]
+            registered = {class_name_key(n): n for n in self._names}
+            unknown = [n for n, k in zip(asked, keys) if k not in registered]
             if unknown:
                 hints = []
                 for n in unknown[:3]:
@@ -282,13 +340,17 @@ class ClassRegistry:
                     + (" ".join(hints) + " " if hints else "")
                     + f"Registered classes ({len(self._names)}) include {known}"
                     + (", ..." if len(self._names) > 5 else "") + "; list them with /classes.")
+            wanted = [registered[k] for k in keys]  # as registered (the request may differ in case)
             remaining = [n for n in self._names if n not in set(wanted)]
             if not remaining:
                 raise ClassNameError("this would remove every class; at least one class must remain -- add the new "
                                      "classes before removing the old ones")
             self._commit_locked(remaining)
             logger.info("removed %d class(es) -> %d classes, version %d", len(wanted), len(remaining), self._version)
-        return wanted
+            result = (wanted, self._version, len(remaining))
+            if after_commit is not None:
+                after_commit(list(remaining))
+        return result
 
     def refresh(self) -> bool:
         """Reload the list if another process changed the state file; ``True`` when it changed.
@@ -406,6 +468,11 @@ class ClassRegistry:
                     os.unlink(tmp)
         self._sig = _signature(st)
 
+    def file_lock(self) -> contextlib.AbstractContextManager[None]:
+        """The state directory's exclusive inter-process lock (and this registry's thread lock): what every writer
+        of the directory holds."""
+        return _joined(self._lock, self._file_lock())
+
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
         """Exclusive advisory lock on ``state_dir/classes.lock`` (no-op without a state dir)."""
@@ -430,15 +497,38 @@ class ClassRegistry:
         return f"ClassRegistry({len(self)} classes, version {self.version}, state={str(self.state_path)!r})"
 
 
-def _warn_case_twins(registered: Sequence[str], new: Sequence[str]) -> None:
-    """Log the new names that differ from another name only in case: they are separate entries of the list, but
-    CLIP's tokenizer lowercases, so they get the same embedding (:func:`serving.format.class_name_key`)."""
-    seen = {class_name_key(n): n for n in registered}
-    for name in new:
-        twin = seen.setdefault(class_name_key(name), name)
-        if twin != name:
-            logger.warning("class %s differs from %s only in case: both get the same embedding (CLIP lowercases "
-                           "class names)", _preview(name), _preview(twin))
+@contextlib.contextmanager
+def _joined(lock: threading.RLock, inner: contextlib.AbstractContextManager[None]) -> Iterator[None]:
+    with lock, inner:
+        yield
+
+
+def remove_stale_temp_files(state_dir: Path) -> int:
+    """Delete temp files left by writers killed mid-write (call under the state directory's file lock, when no
+    writer can be active); returns how many were removed."""
+    removed = 0
+    for path in state_dir.iterdir():
+        if path.name.endswith(".tmp") and path.name.startswith(TEMP_PREFIXES):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    if removed:
+        logger.info("removed %d stale temp file(s) from %s", removed, state_dir)
+    return removed
+
+
+def _write_marker(path: Path) -> None:
+    try:
+        path.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ClassStateError(f"Cannot write {path}: {exc}; check the state directory's permissions") from exc
+
+
+def _read_marker(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "at an unknown time"
+    except OSError:
+        return "at an unknown time"
 
 
 def _signature(st: os.stat_result) -> tuple[int, ...]:

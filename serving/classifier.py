@@ -16,25 +16,31 @@ With one set this is ``logit_scale * f @ T.T`` exactly as before.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from .batching import MicroBatcher
 from .bundle import Bundle, load_bundle, load_class_embeddings
 from .classes import ClassRegistry
-from .errors import BundleError, ImageDecodeError, RequestError
+from .embedding_store import EmbeddingStore, text_encoder_key
+from .errors import BundleError, ImageDecodeError, PayloadTooLargeError, PromptclipError, RequestError
 from .format import class_name_key
-from .preprocess import decode_image, preprocess
+from .manifest import DIGEST_PREFIX, bundle_digest
+from .preprocess import decode_image, decoded_size, preprocess
 from .runtime import Runtime, create_runtime
 from .tokenizer import ClipTokenizer
 
-__all__ = ["Classifier", "DEFAULT_TOP_K"]
+__all__ = ["Classifier", "DEFAULT_TOP_K", "open_class_registry", "check_bundle_digest", "DeadlineExceededError",
+           "deadline_scope"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,41 @@ DEFAULT_TOP_K = 5
 TEXT_BATCH = 256
 #: Images per ``run_image`` call.
 IMAGE_BATCH = 32
+#: Most names one ``add_classes`` call may carry (each is encoded by the text graph: ~7 ms per name on a CPU for
+#: ViT-B/16), and most ad-hoc classes one ``classify`` call may list.
+DEFAULT_MAX_ADD_NAMES = 256
+DEFAULT_MAX_ADHOC_CLASSES = 256
+#: Most decoded pixels one request's images may hold together (RGB: 3 bytes each, so 120 MB).
+DEFAULT_MAX_REQUEST_PIXELS = 40_000_000
+#: A JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) while both sides stay >= this many times the model's input
+#: size, so the antialiased resize that follows still has at least this factor of oversampling.
+DRAFT_MARGIN = 2
+
+
+class DeadlineExceededError(PromptclipError):
+    """A request's work ran past its deadline and was abandoned (between two encoder batches)."""
+
+
+_deadline = threading.local()  # the deadline (time.monotonic()) of the call running in this thread, if any
+
+
+@contextlib.contextmanager
+def deadline_scope(deadline: float | None) -> Iterator[None]:
+    """Within the block, this thread's encoder loops stop with :class:`DeadlineExceededError` once
+    ``time.monotonic()`` passes ``deadline`` (``None``: no deadline)."""
+    previous = getattr(_deadline, "at", None)
+    _deadline.at = deadline
+    try:
+        yield
+    finally:
+        _deadline.at = previous
+
+
+def _check_deadline(what: str) -> None:
+    at = getattr(_deadline, "at", None)
+    if at is not None and time.monotonic() > at:
+        raise DeadlineExceededError(f"the request ran past its deadline while {what}; the work was abandoned -- send "
+                                    "fewer images or class names per request, or retry when the server is less busy")
 
 
 class Classifier:
@@ -54,8 +95,14 @@ class Classifier:
     Args:
         bundle, runtime, registry, tokenizer: the parts (see :meth:`from_bundle`).
         max_adhoc_classes: most classes one request may list in ``class_names``.
+        max_add_names: most names one :meth:`add_classes` call may carry.
         max_image_bytes, max_image_pixels: limits for :meth:`classify_bytes` (``None``: decode_image's defaults).
+        max_request_pixels: most decoded pixels of all images of one :meth:`classify_bytes` call together
+            (after JPEG draft reduction); checked from the headers before anything is decoded.
         cache_size: most runtime-encoded class embeddings kept in memory (LRU).
+        micro_batching: run the image graph for concurrent calls in shared batches (:mod:`serving.batching`).
+        on_image_batch, on_text_encode: observers (metrics): images per image-graph run; texts and seconds per
+            text encoding.
     """
 
     def __init__(
@@ -65,10 +112,15 @@ class Classifier:
         registry: ClassRegistry,
         tokenizer: ClipTokenizer,
         *,
-        max_adhoc_classes: int = 1000,
+        max_adhoc_classes: int = DEFAULT_MAX_ADHOC_CLASSES,
+        max_add_names: int = DEFAULT_MAX_ADD_NAMES,
         max_image_bytes: int | None = None,
         max_image_pixels: int | None = None,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         cache_size: int = 20000,
+        micro_batching: bool = False,
+        on_image_batch: Callable[[int], None] | None = None,
+        on_text_encode: Callable[[int, float], None] | None = None,
     ) -> None:
         self.bundle = bundle
         self.runtime = runtime
@@ -77,6 +129,10 @@ class Classifier:
         self.max_adhoc_classes = int(max_adhoc_classes)
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.max_add_names = int(max_add_names)
+        self.max_request_pixels = int(max_request_pixels)
+        height, width = bundle.preprocessing.image_size
+        self._draft_to = (DRAFT_MARGIN * int(width), DRAFT_MARGIN * int(height))
         self._num_sets = bundle.num_prompt_sets
         self._templates = bundle.templates
         self._logit_scale = np.float32(bundle.logit_scale)
@@ -86,8 +142,20 @@ class Classifier:
         self._bundle_rows = {class_name_key(name): i for i, name in enumerate(bundle.class_names)}
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # name -> [S, D]
         self._cache_size = int(cache_size)
+        self._on_image_batch = on_image_batch
+        self._on_text_encode = on_text_encode
+        self._batcher: MicroBatcher | None = None
+        if micro_batching:
+            self._batcher = MicroBatcher(self._encode_images, max_batch=IMAGE_BATCH, on_batch=on_image_batch)
         self._lock = threading.Lock()
         self._active: tuple[int, list[str], np.ndarray] | None = None  # (version, names, [S, C, D])
+        # Embeddings of the registered runtime classes, persisted next to the class list (restarts do not re-encode)
+        self._store: EmbeddingStore | None = None
+        self._stored: dict[str, np.ndarray] = {}  # name -> [S, D]
+        if registry.state_dir is not None:
+            self._store = EmbeddingStore(registry.state_dir, text_encoder_key(bundle), num_sets=self._num_sets,
+                                         dim=bundle.embedding_dim)
+            self._stored = self._store.load()
 
     @classmethod
     def from_bundle(
@@ -100,9 +168,16 @@ class Classifier:
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
         max_classes: int = 10000,
-        max_adhoc_classes: int = 1000,
+        max_adhoc_classes: int = DEFAULT_MAX_ADHOC_CLASSES,
+        max_add_names: int = DEFAULT_MAX_ADD_NAMES,
         max_image_bytes: int | None = None,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
         warmup: bool = True,
+        micro_batching: bool = False,
+        on_image_batch: Callable[[int], None] | None = None,
+        on_text_encode: Callable[[int, float], None] | None = None,
+        start_empty: bool = False,
+        expected_digest: str | None = None,
     ) -> Classifier:
         """Load the bundle in ``bundle_dir`` and build runtime, tokenizer and registry.
 
@@ -110,23 +185,23 @@ class Classifier:
             state_dir: where the class list persists (``None``: in memory, lost on restart).
             runtime: ``"auto"`` or ``"ort"`` (see :func:`~serving.runtime.create_runtime`).
             warmup: encode the registry's runtime-added classes now rather than on the first request.
+            start_empty: see :class:`~serving.classes.ClassRegistry` (a lost state file is refused without it).
+            expected_digest: refuse the bundle unless :func:`~serving.manifest.bundle_digest` gives this.
         """
         bundle = load_bundle(bundle_dir, verify_hashes=verify_hashes)
+        if expected_digest is not None:
+            check_bundle_digest(bundle.root, expected_digest)
         kwargs: dict[str, Any] = {}
         if providers is not None:
             kwargs["providers"] = providers
         if intra_op_threads is not None:
             kwargs["intra_op_threads"] = intra_op_threads
+        registry = open_class_registry(bundle, state_dir, max_classes=max_classes, start_empty=start_empty)
+        tokenizer = registry.tokenizer
         rt = create_runtime(bundle, runtime, **kwargs)
-        try:
-            tokenizer = ClipTokenizer(bundle.vocab_path, context_length=bundle.context_length)
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"cannot load the bundle's tokenizer vocabulary {bundle.vocab_path}: {exc}; "
-                              "re-export the bundle") from exc
-        registry = ClassRegistry(state_dir, bundle.class_names, tokenizer=tokenizer,
-                                 template=_longest_template(bundle.templates, tokenizer), max_classes=max_classes)
-        clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes,
-                  max_image_bytes=max_image_bytes)
+        clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes, max_add_names=max_add_names,
+                  max_image_bytes=max_image_bytes, max_request_pixels=max_request_pixels,
+                  micro_batching=micro_batching, on_image_batch=on_image_batch, on_text_encode=on_text_encode)
         if warmup:
             clf._active_classes()
         return clf
@@ -158,33 +233,49 @@ class Classifier:
             RequestError: no images, ``top_k`` out of range, too many ad-hoc classes.
             ClassNameError: an invalid or repeated ad-hoc class name.
         """
+        return self.classify_versioned(images, top_k=top_k, class_names=class_names)[0]
+
+    def classify_versioned(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        top_k: int | None = DEFAULT_TOP_K,
+        class_names: Sequence[str] | None = None,
+    ) -> tuple[list[list[dict]], int | None]:
+        """:meth:`classify`, and the version of the registered class list it ranked (``None`` for ad-hoc
+        ``class_names``)."""
         images = list(images)
         if not images:
             raise RequestError("no images given; send at least one image", field="image")
+        version: int | None = None
         if class_names is None:
-            names, matrix = self._active_classes()
+            version, names, matrix = self._active_classes_versioned()
         else:
             names, matrix = self._adhoc_classes(class_names)
         k = self._check_top_k(top_k, len(names))
         results: list[list[dict]] = []
         cfg = self.bundle.preprocessing
         for start in range(0, len(images), IMAGE_BATCH):
+            _check_deadline("encoding images")
             pixels = preprocess(images[start:start + IMAGE_BATCH], cfg)
-            if self._num_sets == 1:
-                image_embeds, weights = self.runtime.run_image(pixels), None
-            else:
-                image_embeds, weights = self.runtime.run_image_and_weights(pixels)
+            image_embeds, weights = (self._batcher.encode(pixels) if self._batcher is not None
+                                     else self._encode_images(pixels))
             results.extend(self._rank(image_embeds, weights, names, matrix, k))
-        return results
+        return results, version
 
     def classify_bytes(self, blobs: Sequence[bytes], **kw: Any) -> list[list[dict]]:
         """:func:`~serving.preprocess.decode_image` each blob, then :meth:`classify` (same keyword arguments)."""
+        return self.classify_bytes_versioned(blobs, **kw)[0]
+
+    def classify_bytes_versioned(self, blobs: Sequence[bytes], **kw: Any) -> tuple[list[list[dict]], int | None]:
+        """:meth:`classify_bytes` and the class list's version (see :meth:`classify_versioned`)."""
         blobs = list(blobs)
-        limits: dict[str, int] = {}
+        limits: dict[str, Any] = {"draft_to": self._draft_to}
         if self.max_image_bytes is not None:
             limits["max_bytes"] = self.max_image_bytes
         if self.max_image_pixels is not None:
             limits["max_pixels"] = self.max_image_pixels
+        self._check_pixel_budget(blobs)
         images = []
         for i, blob in enumerate(blobs):
             try:
@@ -193,7 +284,37 @@ class Classifier:
                 if len(blobs) == 1:
                     raise
                 raise ImageDecodeError(f"image {i + 1} of {len(blobs)}: {exc}", field=exc.field) from exc
-        return self.classify(images, **kw)
+        return self.classify_versioned(images, **kw)
+
+    def _check_pixel_budget(self, blobs: Sequence[bytes]) -> None:
+        """Refuse (413) a request whose images would decode to more than ``max_request_pixels`` together, from their
+        headers alone (JPEGs at their draft-reduced size)."""
+        total = 0
+        for blob in blobs:
+            size = decoded_size(blob, draft_to=self._draft_to) if isinstance(blob, (bytes, bytearray)) else None
+            if size is not None:
+                total += size[0] * size[1]
+        if total > self.max_request_pixels:
+            raise PayloadTooLargeError(
+                f"the request's {len(blobs)} image(s) decode to {total:,} pixels together; one request may hold at "
+                f"most {self.max_request_pixels:,} (PROMPTCLIP_MAX_REQUEST_PIXELS): send smaller images (JPEGs are "
+                "reduced while decoding, other formats are not) or fewer per request",
+                field="image" if len(blobs) == 1 else "images")
+
+    def close(self) -> None:
+        """Stop the micro-batching thread (the classifier is not used afterwards)."""
+        if self._batcher is not None:
+            self._batcher.close()
+
+    def _encode_images(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image graph on ``pixels``: embeddings ``[B, D]`` and, with several prompt sets, weights ``[B, S]``."""
+        if self._num_sets == 1:
+            out: tuple[np.ndarray, np.ndarray | None] = (self.runtime.run_image(pixels), None)
+        else:
+            out = self.runtime.run_image_and_weights(pixels)
+        if self._batcher is None and self._on_image_batch is not None:
+            self._on_image_batch(len(pixels))
+        return out
 
     def _check_top_k(self, top_k: int | None, num_classes: int) -> int:
         if top_k is None:
@@ -228,15 +349,27 @@ class Classifier:
 
     def _active_classes(self) -> tuple[list[str], np.ndarray]:
         """The registry's classes and their ``[S, C, D]`` embeddings (rebuilt when the version changes)."""
+        return self._active_classes_versioned()[1:]
+
+    def _active_classes_versioned(self) -> tuple[int, list[str], np.ndarray]:
+        """``(version, names, [S, C, D] embeddings)`` of the registry's classes, other workers' changes included."""
         self.registry.refresh()
         version, names = self.registry.snapshot()
         active = self._active
         if active is not None and active[0] == version and active[1] == names:
-            return active[1], active[2]
+            return active
+        if self._store is not None and self._store.changed():  # another worker or replica stored new rows
+            stored = self._store.load()
+            with self._lock:
+                self._stored = stored
         matrix = self._embeddings_for(names)
+        if self._store is not None and any(self._is_runtime(n) and n not in self._stored for n in names):
+            with self.registry.file_lock():  # encoded here: store them for the next start and the other workers
+                self.registry.refresh()
+                self._persist(self.registry.names())
         self._active = (version, names, matrix)
         logger.debug("class matrix rebuilt: %d classes, version %d", len(names), version)
-        return names, matrix
+        return version, names, matrix
 
     def _adhoc_classes(self, class_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
         if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
@@ -246,9 +379,9 @@ class Classifier:
             raise RequestError("classes is empty: give at least one class name, or omit it to use the registered "
                                "classes", field="classes")
         if len(class_names) > self.max_adhoc_classes:
-            raise RequestError(
+            raise PayloadTooLargeError(
                 f"classes lists {len(class_names)} names; one request may list at most {self.max_adhoc_classes} -- "
-                "register large class lists with /add_classes instead", field="classes")
+                "register large class lists with /add_classes instead (PROMPTCLIP_MAX_ADHOC_CLASSES)", field="classes")
         names = self.registry.normalize_names(class_names, field="classes")
         return names, self._embeddings_for(names)
 
@@ -261,6 +394,8 @@ class Classifier:
                 row = self._bundle_rows.get(class_name_key(name))
                 if row is not None:
                     out[:, i] = self._bundle_embeddings[:, row]
+                elif (stored := self._stored.get(name)) is not None:
+                    out[:, i] = stored
                 elif (cached := self._cache.get(name)) is not None:
                     self._cache.move_to_end(name)
                     out[:, i] = cached
@@ -298,7 +433,11 @@ class Classifier:
     def _encode_all_sets(self, names: Sequence[str]) -> np.ndarray:
         """``[N, S, D]`` embeddings of ``names`` by every prompt set's text graph and template."""
         names = list(names)
-        return np.ascontiguousarray(np.stack([self._encode_set(names, k) for k in range(self._num_sets)], axis=1))
+        t0 = time.perf_counter()
+        out = np.ascontiguousarray(np.stack([self._encode_set(names, k) for k in range(self._num_sets)], axis=1))
+        if self._on_text_encode is not None and names:
+            self._on_text_encode(len(names), time.perf_counter() - t0)
+        return out
 
     def _encode_set(self, names: list[str], prompt_set: int) -> np.ndarray:
         """``[N, D]`` embeddings of ``names`` in prompt set ``prompt_set``'s template, by its text graph."""
@@ -308,6 +447,7 @@ class Classifier:
         texts = [template.format(n) for n in names]
         chunks = []
         for start in range(0, len(texts), TEXT_BATCH):
+            _check_deadline("encoding class names")
             ids = self.tokenizer(texts[start:start + TEXT_BATCH])  # raises ClassNameError, never truncates
             chunks.append(self.runtime.run_text(ids, prompt_set))
         return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
@@ -316,17 +456,42 @@ class Classifier:
 
     def add_classes(self, names: Sequence[str]) -> dict:
         """Register new classes (encoded before they are persisted); ``{"added", "version", "num_classes"}``."""
+        if isinstance(names, Sequence) and not isinstance(names, (str, bytes)) and len(names) > self.max_add_names:
+            raise PayloadTooLargeError(
+                f"{len(names)} names in one request; at most {self.max_add_names} may be added at once "
+                "(PROMPTCLIP_MAX_ADD_NAMES): split the list into several requests", field="names")
         normalised = self.registry.normalize_names(names, field="names")
         self._embeddings_for(normalised)  # encoder problems surface before the change is persisted
-        added = self.registry.add(normalised)
-        version, current = self.registry.snapshot()
-        return {"added": added, "version": version, "num_classes": len(current)}
+        persist = self._persist if self._store is not None else None
+        added, version, num = self.registry.add_versioned(normalised, after_commit=persist)
+        return {"added": added, "version": version, "num_classes": num}
 
     def remove_classes(self, names: Sequence[str]) -> dict:
         """Unregister classes; ``{"removed", "version", "num_classes"}``."""
-        removed = self.registry.remove(names)
-        version, current = self.registry.snapshot()
-        return {"removed": removed, "version": version, "num_classes": len(current)}
+        persist = self._persist if self._store is not None else None
+        removed, version, num = self.registry.remove_versioned(names, after_commit=persist)
+        return {"removed": removed, "version": version, "num_classes": num}
+
+    def _is_runtime(self, name: str) -> bool:
+        return class_name_key(name) not in self._bundle_rows
+
+    def _persist(self, names: list[str]) -> None:
+        """Store the embeddings of ``names``' runtime classes (the registry's file lock held): ours, the file's (rows
+        other workers wrote) or the LRU cache's; a row none of them has is encoded by whoever next builds the list."""
+        assert self._store is not None
+        disk = self._store.load() if self._store.changed() else {}
+        rows: dict[str, np.ndarray] = {}
+        with self._lock:
+            for name in names:
+                if not self._is_runtime(name):
+                    continue
+                for source in (self._stored, disk, self._cache):
+                    vec = source.get(name)
+                    if vec is not None:
+                        rows[name] = vec
+                        break
+            self._stored = rows
+        self._store.save(rows)
 
     def list_classes(self) -> dict:
         """``{"names", "version", "num_classes"}`` of the active class list (other workers' changes included)."""
@@ -349,7 +514,39 @@ class Classifier:
             "embedding_dim": self.bundle.embedding_dim,
             "num_prompt_sets": self._num_sets,
             "prompt_sets": self.bundle.prompt_set_names,
+            "worker_pid": os.getpid(),
         }
+
+
+def check_bundle_digest(bundle_dir: str | os.PathLike, expected: str) -> str:
+    """Raise :class:`~serving.errors.BundleError` unless the bundle's digest (:func:`serving.manifest.bundle_digest`:
+    the manifest and every file) is ``expected``; returns the digest."""
+    expected = expected.strip()
+    if not expected.startswith(DIGEST_PREFIX) or len(expected) != len(DIGEST_PREFIX) + 64:
+        raise BundleError(f"pinned bundle digest {expected[:80]!r} is not of the form {DIGEST_PREFIX}<64 hex digits> "
+                          "(copy the line `promptclip export` printed)", field="bundle_digest")
+    actual = bundle_digest(bundle_dir)
+    if actual != expected.lower():
+        raise BundleError(
+            f"bundle {bundle_dir} has digest {actual}, but {expected} was pinned (--bundle-digest / "
+            "PROMPTCLIP_BUNDLE_DIGEST): a file of the bundle or its manifest changed since export. Re-export it, or "
+            "pin the new digest if the change is intended.", field="bundle_digest")
+    return actual
+
+
+def open_class_registry(bundle: Bundle, state_dir: str | os.PathLike | None, *, max_classes: int = 10000,
+                        start_empty: bool = False) -> ClassRegistry:
+    """The bundle's tokenizer and the class registry in ``state_dir`` (no inference runtime: cheap enough for a
+    pre-flight check of the state before a server starts). Raises :class:`~serving.classes.ClassStateError` for a
+    corrupt, unreadable or lost state file."""
+    try:
+        tokenizer = ClipTokenizer(bundle.vocab_path, context_length=bundle.context_length)
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"cannot load the bundle's tokenizer vocabulary {bundle.vocab_path}: {exc}; "
+                          "re-export the bundle") from exc
+    return ClassRegistry(state_dir, bundle.class_names, tokenizer=tokenizer,
+                         template=_longest_template(bundle.templates, tokenizer), max_classes=max_classes,
+                         start_empty=start_empty)
 
 
 def _longest_template(templates: Sequence[str], tokenizer: ClipTokenizer) -> str:

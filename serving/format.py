@@ -58,6 +58,7 @@ import dataclasses
 import logging
 import types
 import typing
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -111,21 +112,22 @@ def class_embeddings_key(prompt_set: int, num_prompt_sets: int) -> str:
 
 
 def canonical_class_name(raw: str) -> str:
-    """The canonical text of a class name: underscores become spaces, surrounding whitespace is stripped and runs
-    of whitespace collapse to one space. Case is kept as written (it is what users see back).
+    """The canonical text of a class name: Unicode NFC (composed characters), underscores become spaces,
+    surrounding whitespace is stripped and runs of whitespace collapse to one space. Case is kept as written (it is
+    what users see back), but it is not part of a class's identity (:func:`class_name_key`).
 
     ``"golden_retriever"``, ``" golden  retriever "`` and ``"golden retriever"`` are one class. Validation (empty
     names, control characters, length) is the caller's: this function only rewrites.
     """
-    return " ".join(str(raw).replace("_", " ").split())
+    return " ".join(unicodedata.normalize("NFC", str(raw)).replace("_", " ").split())
 
 
 def class_name_key(name: str) -> str:
     """Identity of a class name for duplicate checks: its canonical text, case-folded.
 
     CLIP's tokenizer lowercases its input, so ``"Golden Retriever"`` and ``"golden retriever"`` get the same
-    embedding: a name whose key matches an exported class reuses that class's embedding row. The class list itself
-    keeps names that differ only in case apart (the registry warns when one is added).
+    embedding: they are one class (a second spelling is refused as already registered, so the two never split one
+    score), and a name whose key matches an exported class reuses that class's embedding row.
     """
     return canonical_class_name(name).casefold()
 

@@ -41,7 +41,7 @@ __all__ = [
     "BackboneInfo", "BundleManifest", "Capabilities", "ClassesInfo", "EngineSpec", "GRAPH_PRECISIONS", "GraphSpec",
     "Graphs", "MethodInfo",
     "Preprocessing", "PromptSets", "TensorSpec", "TextInfo", "bundle_versions", "read_manifest", "sha256_file",
-    "write_manifest", "REEXPORT",
+    "write_manifest", "REEXPORT", "bundle_digest", "DIGEST_PREFIX",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,23 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+#: How a bundle digest starts (:func:`bundle_digest`).
+DIGEST_PREFIX = "sha256:"
+
+
+def bundle_digest(bundle_dir: str | os.PathLike) -> str:
+    """One digest of a whole bundle: ``sha256:<hex>`` over every regular file under ``bundle_dir`` (the manifest
+    included, so a relabelled class, a changed logit scale, template or normalisation changes it), each as its path
+    relative to the bundle and its own SHA-256, in sorted path order. ``export`` prints it; ``serve`` and
+    ``classify`` can pin it (``--bundle-digest`` / ``PROMPTCLIP_BUNDLE_DIGEST``)."""
+    root = Path(bundle_dir)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        digest.update(f"{rel}\0{sha256_file(path)}\n".encode())
+    return DIGEST_PREFIX + digest.hexdigest()
 
 
 def bundle_versions(num_prompt_sets: int) -> dict[str, int]:

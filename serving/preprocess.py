@@ -142,12 +142,16 @@ def _is_number(v: object) -> bool:
 # -- decoding ---------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_image(data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 64_000_000,
+                 draft_to: tuple[int, int] | None = None) -> Image.Image:
     """Decode uploaded bytes into an upright RGB image.
 
     Applies the EXIF orientation, composites transparency onto white and converts every common
     mode (L, P, CMYK, 1, 16-bit, 32-bit int, float) to 8-bit RGB. The whole file is decoded, so a
     truncated upload is refused rather than returned half grey.
+    ``draft_to`` (width, height): let the codec decode at a reduced scale that keeps both sides at least that
+    large, where the format allows it (JPEG, see :func:`draft_image`); ``max_pixels`` then applies to the reduced
+    size.
 
     Raises:
         ImageDecodeError: empty, too large (bytes or pixels), not an image, truncated or corrupt.
@@ -170,6 +174,7 @@ def decode_image(data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            draft_image(img, draft_to)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageDecodeError(_too_many_pixels(width, height, max_pixels))
@@ -207,6 +212,27 @@ def decode_image(data: bytes, *, max_bytes: int = 20_000_000, max_pixels: int = 
             f"The image's colour mode {img.mode!r} cannot be converted to RGB ({exc}); "
             "re-save it as an RGB JPEG or PNG."
         ) from exc
+
+
+def draft_image(img: Image.Image, draft_to: tuple[int, int] | None) -> None:
+    """Ask a lazily opened JPEG to decode at 1/2, 1/4 or 1/8 scale while both sides stay >= ``draft_to`` (PIL's
+    ``draft``: the DCT is reduced while decoding, so the full-size image never exists in memory). No-op for other
+    formats and for ``None``."""
+    if draft_to is not None and img.format == "JPEG":
+        img.draft(img.mode, (int(draft_to[0]), int(draft_to[1])))
+
+
+def decoded_size(data: bytes, *, draft_to: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """``(width, height)`` :func:`decode_image` will decode ``data`` at (after :func:`draft_image`), read from the
+    header alone; ``None`` when the header is not a recognised image (:func:`decode_image` then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            draft_image(img, draft_to)
+            return img.size
+    except Exception:  # noqa: BLE001 - any unreadable header: decode_image reports it properly
+        return None
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> str:

@@ -93,7 +93,7 @@ class InputSpec(bentoml.IODescriptor):
         schema = cls.params_model.model_json_schema(*args, **kwargs)
         schema["title"] = cls.__name__.lstrip("_")
         if cls.file_field is not None:
-            file_schema = {"type": "file", "format": "image"}
+            file_schema = {"type": "string", "format": "binary"}  # OpenAPI 3 (``type: file`` is Swagger 2)
             schema.setdefault("properties", {})[cls.file_field] = (
                 file_schema if cls.single_file else {"type": "array", "items": file_schema})
             schema["required"] = [cls.file_field, *schema.get("required", [])]
@@ -190,13 +190,17 @@ def _form_scalar(text: str) -> Any:
 
 
 def _form_list(items: list[str]) -> Any:
-    """A list form field: one JSON array, or one name per repeated field."""
+    """A list form field: one JSON array (``["red circle", "blue square"]``), one comma-separated value
+    (``red circle,blue square``, as the CLI's ``--classes``), or one name per repeated field (a name with a comma
+    needs the JSON array or the repeated field)."""
     if len(items) == 1 and items[0].lstrip().startswith("["):
         try:
             return json.loads(items[0])
         except ValueError:
             raise RequestError(f"form value {items[0][:80]!r} starts like a JSON array but is not valid JSON; send "
                                "a JSON array of strings or repeat the field once per name", field="classes") from None
+    if len(items) == 1:
+        return items[0].split(",")
     return list(items)
 
 

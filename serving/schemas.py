@@ -32,8 +32,8 @@ class ClassifyParams(_Request):
     )
     classes: list[str] | None = Field(
         default=None,
-        description="Ad-hoc class list for this request only (a JSON array in one form field, or the field "
-        "repeated once per name); default: the registered classes.",
+        description="Ad-hoc class list for this request only: a JSON array in one form field, one comma-separated "
+        "value (`red circle,blue square`), or the field repeated once per name; default: the registered classes.",
     )
 
 
@@ -51,16 +51,22 @@ class ClassScore(BaseModel):
     logit: float = Field(description="logit_scale * cosine(image, class text).")
 
 
+_VERSION_DOC = ("Version of the registered class list the image(s) were ranked against (null for an ad-hoc "
+                "`classes` list); every worker and replica over one state directory agrees on it.")
+
+
 class ClassifyResponse(BaseModel):
     """Top classes of one image, best first."""
 
     predictions: list[ClassScore]
+    classes_version: int | None = Field(default=None, description=_VERSION_DOC)
 
 
 class ClassifyBatchResponse(BaseModel):
     """Top classes per image, in upload order."""
 
     results: list[list[ClassScore]]
+    classes_version: int | None = Field(default=None, description=_VERSION_DOC)
 
 
 class ClassListResponse(BaseModel):
@@ -100,6 +106,7 @@ class HealthResponse(BaseModel):
     embedding_dim: int
     num_prompt_sets: int = Field(default=1, description="Prompt sets (text graphs) whose scores are combined.")
     prompt_sets: list[str] = Field(default_factory=lambda: ["default"], description="Names of the prompt sets.")
+    worker_pid: int | None = Field(default=None, description="Process id of the worker that answered.")
 
 
 class ErrorResponse(BaseModel):

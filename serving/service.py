@@ -8,9 +8,10 @@ Endpoints (BentoML API routes are all ``POST``):
 
 * ``/classify``: multipart ``image`` (one file), optional ``top_k``, optional ``classes``.
 * ``/classify_batch``: multipart ``images`` (repeated), optional ``top_k`` and ``classes``.
-* ``/classes``: the active class list. ``/add_classes``, ``/remove_classes``: JSON ``{"names": [...]}``.
-* ``/healthz``: method, number of classes, runtime and providers. (``GET /healthz``, ``/livez`` and
-  ``/readyz`` are BentoML's built-in probes and answer an empty 200.)
+* ``/classes``: the active class list. ``/add_classes``, ``/remove_classes``: JSON ``{"names": [...]}``, with
+  ``Authorization: Bearer <token>`` (refused without a configured token unless writes were opened on purpose).
+* ``/healthz``: method, number of classes, runtime and providers; the same JSON at ``GET /info``. (``GET /healthz``
+  and ``/livez`` are BentoML's built-in probes; ``GET /readyz`` fails (503) while the class state is unreadable.)
 
 Requests are parsed by our own input specs (:mod:`serving.request_parsing`, which says why). Errors: every
 :class:`~serving.errors.PromptclipError` is answered with the status and JSON body of :mod:`serving.http_errors`.
@@ -19,14 +20,24 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import bentoml
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-from .classifier import Classifier
+from .classes import ClassStateError
+from .classifier import Classifier, deadline_scope
 from .errors import AuthError, PromptclipError, RequestError, ServiceConfigError
-from .http_errors import error_response, http_status
+from .http_errors import http_status, public_error_response
+from .metrics import ServiceMetrics
+from .openapi import openapi_document
 from .request_parsing import (
     ClassifyBatchInput,
     ClassifyInput,
@@ -44,7 +55,7 @@ from .schemas import (
     HealthResponse,
     RemoveClassesResponse,
 )
-from .settings import ServiceSettings, threads_from_env
+from .settings import ServiceSettings, threads_from_env, workers_from_env
 
 __all__ = ["PromptclipService", "ServiceSettings", "ServiceConfigError", "UploadLimitMiddleware"]
 
@@ -58,6 +69,7 @@ logger = logging.getLogger(__name__)
     name="promptclip",
     traffic={"timeout": 120},
     threads=threads_from_env(),
+    workers=workers_from_env(),
 )
 class PromptclipService:
     """Open-vocabulary image classification with runtime-extensible classes."""
@@ -70,16 +82,81 @@ class PromptclipService:
             package_logger.setLevel(logging.INFO)
         self.settings = ServiceSettings.from_env()
         s = self.settings
-        self.classifier = Classifier.from_bundle(
-            s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes)
-        if s.api_token is None:
-            logger.warning("PROMPTCLIP_API_TOKEN is not set: /add_classes and /remove_classes are open to every "
-                           "client that can reach this service")
+        self.metrics = ServiceMetrics.get()
+        self._classifier: Classifier | None = None
+        self._load_lock = threading.Lock()
+        self._next_load = 0.0
+        try:
+            self._classifier = self._load()
+        except ClassStateError as exc:
+            # No crash loop (BentoML would restart the worker forever while every request hangs): the worker runs
+            # not ready, answers 503, and loads again once the state is fixed. (`promptclip serve` refuses to start
+            # on such a state before the server starts.)
+            logger.critical("class state unreadable at start-up; not ready until it is fixed: %s", exc)
+            self._next_load = time.monotonic() + self.RELOAD_INTERVAL_S
+        if s.api_token is None and s.open_writes:
+            logger.warning("!!! PROMPTCLIP_OPEN_WRITES is set and PROMPTCLIP_API_TOKEN is not: /add_classes and "
+                           "/remove_classes are OPEN to every client that can reach this service !!!")
+        elif s.api_token is None:
+            logger.warning("PROMPTCLIP_API_TOKEN is not set: /add_classes and /remove_classes are refused (set a "
+                           "token, or PROMPTCLIP_OPEN_WRITES=1 to open them to every client)")
+        elif s.open_writes:
+            logger.warning("PROMPTCLIP_OPEN_WRITES is ignored: PROMPTCLIP_API_TOKEN is set, writes need it")
         if s.state_dir is None:
             logger.warning("PROMPTCLIP_STATE_DIR is not set: class changes are per worker and lost on restart")
-        info = self.classifier.info()
-        logger.info("promptclip service ready: method=%s, %d classes, runtime=%s %s", info["method"],
-                    info["num_classes"], info["runtime"], info["providers"])
+        if self._classifier is not None:
+            info = self._classifier.info()
+            logger.info("promptclip service ready: method=%s, %d classes, runtime=%s %s", info["method"],
+                        info["num_classes"], info["runtime"], info["providers"])
+
+    #: Seconds between attempts to load a classifier whose class state was unreadable at start-up.
+    RELOAD_INTERVAL_S = 5.0
+
+    def _load(self) -> Classifier:
+        s = self.settings
+        return Classifier.from_bundle(
+            s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
+            start_empty=s.start_empty, expected_digest=s.bundle_digest, max_add_names=s.max_add_names,
+            max_adhoc_classes=s.max_adhoc_classes, max_request_pixels=s.max_request_pixels,
+            max_classes=s.max_classes, micro_batching=s.micro_batching, on_image_batch=self.metrics.on_image_batch,
+            on_text_encode=self.metrics.on_text_encode)
+
+    @property
+    def classifier(self) -> Classifier:
+        """The classifier; while the class state is unreadable since start-up, a new load is tried at most every
+        :attr:`RELOAD_INTERVAL_S` and :class:`ClassStateError` (503) is raised meanwhile."""
+        clf = self._classifier
+        if clf is not None:
+            return clf
+        with self._load_lock:
+            if self._classifier is None:
+                if time.monotonic() < self._next_load:
+                    raise ClassStateError("class state unreadable since start-up (see the log)")
+                try:
+                    self._classifier = self._load()
+                except ClassStateError:
+                    self._next_load = time.monotonic() + self.RELOAD_INTERVAL_S
+                    raise
+                logger.info("class state readable again: the service is ready")
+            return self._classifier
+
+    def __is_ready__(self) -> bool:
+        """Readiness (BentoML's ``GET /readyz``): bundle loaded, runtime warm (both done in ``__init__``) and the
+        class state readable right now; a corrupt state file makes it fail (503) until it is fixed."""
+        try:
+            self.classifier.registry.refresh()
+        except PromptclipError as exc:
+            logger.error("not ready: %s", exc)
+            return False
+        return True
+
+    def __metrics__(self, content: str) -> str:
+        """BentoML's ``GET /metrics`` hook: refresh the class-count gauge, pass the text through."""
+        try:
+            self.metrics.classes.set(len(self.classifier.registry))
+        except Exception:  # noqa: BLE001 - metrics never fail the scrape
+            logger.exception("cannot update promptclip_classes")
+        return content
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -91,7 +168,8 @@ class PromptclipService:
                 self._check_auth(ctx)
             if parsed.error is not None:
                 raise parsed.error
-            return handler(parsed)
+            with deadline_scope(time.monotonic() + self.settings.request_deadline_s):
+                return handler(parsed)
         except PromptclipError as exc:
             status = http_status(exc)
             if status >= 500:
@@ -100,13 +178,18 @@ class PromptclipService:
             else:  # the access log already records the status
                 logger.debug("%s %s -> %d %s: %s", ctx.request.method, ctx.request.url.path, status,
                              type(exc).__name__, exc)
+            self.metrics.on_error(type(exc).__name__, status)
             ctx.response.status_code = status  # BentoML copies the context status onto the response
-            return error_response(exc)
+            return public_error_response(exc)
 
     def _check_auth(self, ctx: bentoml.Context) -> None:
         token = self.settings.api_token
         if token is None:
-            return
+            if self.settings.open_writes:
+                return
+            raise AuthError("class changes are disabled on this server: it has no API token. Its operator can set "
+                            "one (PROMPTCLIP_API_TOKEN, `promptclip serve --token`) or open writes to every client "
+                            "on purpose (PROMPTCLIP_OPEN_WRITES=1, `promptclip serve --open-writes`)")
         header = ctx.request.headers.get("authorization", "")
         if not header:
             raise AuthError("this endpoint changes the class list and needs the header "
@@ -117,17 +200,21 @@ class PromptclipService:
         if not hmac.compare_digest(value.strip().encode("utf-8"), token.encode("utf-8")):
             raise AuthError("invalid API token in the Authorization header")
 
-    def _classify(self, parsed: ParsedRequest) -> list[list[dict]]:
+    def _classify(self, parsed: ParsedRequest) -> tuple[list[list[dict]], int | None]:
         params = parsed.params
         assert isinstance(params, ClassifyParams)
-        return self.classifier.classify_bytes(parsed.files, top_k=params.top_k, class_names=params.classes)
+        return self.classifier.classify_bytes_versioned(parsed.files, top_k=params.top_k, class_names=params.classes)
 
     # -- endpoints -----------------------------------------------------------------------------
 
     @bentoml.api(route="/classify", input_spec=ClassifyInput)
     def classify(self, parsed: ParsedRequest, ctx: bentoml.Context) -> ClassifyResponse:
         """Classify one image (multipart field ``image``; optional ``top_k``, ``classes``)."""
-        return self._respond(ctx, parsed, lambda p: ClassifyResponse(predictions=self._classify(p)[0]))
+        def handler(p: ParsedRequest) -> ClassifyResponse:
+            results, version = self._classify(p)
+            return ClassifyResponse(predictions=results[0], classes_version=version)
+
+        return self._respond(ctx, parsed, handler)
 
     @bentoml.api(route="/classify_batch", input_spec=ClassifyBatchInput)
     def classify_batch(self, parsed: ParsedRequest, ctx: bentoml.Context) -> ClassifyBatchResponse:
@@ -138,7 +225,8 @@ class PromptclipService:
             if len(p.files) > limit:
                 raise RequestError(f"{len(p.files)} images uploaded; one request may carry at most {limit} "
                                    "(PROMPTCLIP_MAX_BATCH_IMAGES) -- split the batch", field="images")
-            return ClassifyBatchResponse(results=self._classify(p))
+            results, version = self._classify(p)
+            return ClassifyBatchResponse(results=results, classes_version=version)
 
         return self._respond(ctx, parsed, handler)
 
@@ -166,4 +254,30 @@ class PromptclipService:
         return self._respond(ctx, parsed, lambda p: HealthResponse(**self.classifier.info()))
 
 
+# -- GET routes beside BentoML's POST APIs ----------------------------------------------------------
+
+
+async def _info(request: Request) -> JSONResponse:
+    """``GET /info``: the JSON health of ``POST /healthz`` (BentoML's ``GET /healthz`` is an empty probe)."""
+    service = bentoml.get_current_service()
+    try:
+        body = await run_in_threadpool(service.classifier.info)
+    except PromptclipError as exc:
+        logger.error("GET /info -> %d %s: %s", http_status(exc), type(exc).__name__, exc)
+        return public_error_response(exc)
+    return JSONResponse(HealthResponse(**body).model_dump())
+
+
+async def _openapi(request: Request) -> JSONResponse:
+    """``GET /docs.json`` (what BentoML's UI at ``/`` reads) and ``GET /openapi.json``: :mod:`serving.openapi`."""
+    return JSONResponse(openapi_document())
+
+
+#: Mounted passively at "/": only these paths are taken, every other path stays BentoML's (this mount comes before
+#: BentoML's own ``/docs.json`` route, so the true document replaces BentoML's).
+EXTRA_ROUTES = Starlette(routes=[Route("/info", _info, methods=["GET"]),
+                                 Route("/docs.json", _openapi, methods=["GET"]),
+                                 Route("/openapi.json", _openapi, methods=["GET"])])
+
+PromptclipService.mount_asgi_app(EXTRA_ROUTES, path="/", name="promptclip-extra")
 PromptclipService.add_asgi_middleware(UploadLimitMiddleware)

@@ -3,11 +3,28 @@
 * ``PROMPTCLIP_BUNDLE`` (required): deploy bundle directory written by ``promptclip export``.
 * ``PROMPTCLIP_STATE_DIR``: directory persisting runtime class changes (shared by all workers);
   unset = changes live in memory of each worker and are lost on restart.
-* ``PROMPTCLIP_API_TOKEN``: when set, ``/add_classes`` and ``/remove_classes`` need
-  ``Authorization: Bearer <token>``; reads stay open.
+* ``PROMPTCLIP_API_TOKEN``: ``/add_classes`` and ``/remove_classes`` need ``Authorization: Bearer <token>``;
+  reads stay open. Without a token, class changes are refused (401) unless ``PROMPTCLIP_OPEN_WRITES=1`` opens them
+  to every client on purpose (logged as a warning at every start).
+* ``PROMPTCLIP_BUNDLE_DIGEST``: the bundle digest ``export`` printed (``sha256:...``); the service refuses to start
+  on a bundle with any other (:func:`serving.manifest.bundle_digest`: the manifest and every file).
+* ``PROMPTCLIP_START_EMPTY`` (``1``/``true``): start again from the bundle's classes when the state directory once
+  held a state file that is now missing (refused otherwise).
 * ``PROMPTCLIP_MAX_UPLOAD_BYTES``: largest request body (default 32 MiB; answered with 413).
+* ``PROMPTCLIP_MAX_ADD_NAMES`` (default 256): names per ``/add_classes`` request; ``PROMPTCLIP_MAX_ADHOC_CLASSES``
+  (default 256): ad-hoc ``classes`` per classify request; both answered with 413 before anything is encoded.
+* ``PROMPTCLIP_MAX_REQUEST_PIXELS`` (default 40,000,000): decoded pixels of one request's images together (JPEGs
+  count at the reduced scale they are decoded at); 413 from the headers, before decoding.
+* ``PROMPTCLIP_MAX_CLASSES`` (default 10,000): most classes the registered list may hold.
+* ``PROMPTCLIP_REQUEST_DEADLINE_S`` (default 110, under BentoML's 120 s request timeout): a request's encoder
+  work stops (504) once this many seconds have passed since it started, instead of running on after the client
+  had its answer.
+* ``PROMPTCLIP_BATCHING`` (default ``1``): adaptive micro-batching of concurrent requests' images in one worker
+  (:mod:`serving.batching`); ``0`` runs each request's images alone.
 * ``PROMPTCLIP_MAX_BATCH_IMAGES`` (default 32), ``PROMPTCLIP_RUNTIME`` (``auto``/``ort``),
   ``PROMPTCLIP_THREADS`` (request threads per worker, read when the service module is imported; default 4).
+* ``PROMPTCLIP_WORKERS``: worker processes (read when the service module is imported; default 1); all of them
+  share one class list through ``PROMPTCLIP_STATE_DIR``.
 """
 from __future__ import annotations
 
@@ -20,7 +37,7 @@ from pathlib import Path
 from .errors import ServiceConfigError
 
 __all__ = ["ServiceSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_BATCH_IMAGES", "DEFAULT_THREADS",
-           "max_upload_bytes_from_env", "threads_from_env"]
+           "max_upload_bytes_from_env", "threads_from_env", "workers_from_env"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +60,17 @@ def _env_int(environ: Mapping[str, str], name: str, default: int, *, minimum: in
     return value
 
 
+def _env_bool(environ: Mapping[str, str], name: str, default: bool = False) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ServiceConfigError(f"{name}={raw!r} is not a boolean; set it to 1 or 0")
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """Service configuration, normally from ``PROMPTCLIP_*`` environment variables."""
@@ -53,6 +81,15 @@ class ServiceSettings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES
     runtime: str = "auto"
+    start_empty: bool = False
+    open_writes: bool = False
+    micro_batching: bool = True
+    request_deadline_s: int = 110
+    bundle_digest: str | None = None
+    max_add_names: int = 256
+    max_adhoc_classes: int = 256
+    max_request_pixels: int = 40_000_000
+    max_classes: int = 10_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -76,6 +113,15 @@ class ServiceSettings:
             max_upload_bytes=max_upload_bytes_from_env(env),
             max_batch_images=_env_int(env, "PROMPTCLIP_MAX_BATCH_IMAGES", DEFAULT_MAX_BATCH_IMAGES),
             runtime=env.get("PROMPTCLIP_RUNTIME", "auto").strip() or "auto",
+            start_empty=_env_bool(env, "PROMPTCLIP_START_EMPTY"),
+            open_writes=_env_bool(env, "PROMPTCLIP_OPEN_WRITES"),
+            micro_batching=_env_bool(env, "PROMPTCLIP_BATCHING", default=True),
+            request_deadline_s=_env_int(env, "PROMPTCLIP_REQUEST_DEADLINE_S", cls.request_deadline_s),
+            bundle_digest=env.get("PROMPTCLIP_BUNDLE_DIGEST", "").strip() or None,
+            max_add_names=_env_int(env, "PROMPTCLIP_MAX_ADD_NAMES", cls.max_add_names),
+            max_adhoc_classes=_env_int(env, "PROMPTCLIP_MAX_ADHOC_CLASSES", cls.max_adhoc_classes),
+            max_request_pixels=_env_int(env, "PROMPTCLIP_MAX_REQUEST_PIXELS", cls.max_request_pixels),
+            max_classes=_env_int(env, "PROMPTCLIP_MAX_CLASSES", cls.max_classes),
         )
 
 
@@ -89,3 +135,9 @@ def threads_from_env(environ: Mapping[str, str] | None = None) -> int:
     """``PROMPTCLIP_THREADS``: request threads per worker (default 4)."""
     env = os.environ if environ is None else environ
     return _env_int(env, "PROMPTCLIP_THREADS", DEFAULT_THREADS)
+
+
+def workers_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """``PROMPTCLIP_WORKERS``: worker processes of ``bentoml serve`` (default 1)."""
+    env = os.environ if environ is None else environ
+    return _env_int(env, "PROMPTCLIP_WORKERS", 1)

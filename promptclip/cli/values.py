@@ -37,7 +37,18 @@ def class_list(args: argparse.Namespace) -> list[str] | None:
     """Class names from ``--classes`` (comma-separated) and ``--classes-file`` (one per line); None when neither."""
     names: list[str] = []
     if getattr(args, "classes", None):
-        names += [n for n in args.classes.split(",")]
+        text = args.classes.strip()
+        if text.startswith("["):  # a JSON list, for names with commas
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise PromptclipError(f"--classes starts like a JSON list but is not valid JSON ({exc}); give "
+                                      'names separated by commas or a JSON list such as \'["a, b", "c"]\'') from None
+            if not isinstance(parsed, list) or not all(isinstance(n, str) for n in parsed):
+                raise PromptclipError("--classes as JSON must be a list of strings")
+            names += parsed
+        else:
+            names += text.split(",")
     if getattr(args, "classes_file", None):
         path = Path(args.classes_file)
         if not path.is_file():

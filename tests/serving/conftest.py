@@ -335,3 +335,25 @@ def build_manifest() -> Callable[..., BundleManifest]:
     """``build_manifest(root, class_names, templates=(TEMPLATE,), prompt_set_names=None)``: the manifest model the
     session bundles are written with, for the files in ``root``."""
     return make_manifest
+
+
+class CountingRuntime:
+    """Wraps a runtime and counts ``run_text`` calls and texts (what a test of "nothing was encoded" reads)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls = 0
+        self.texts = 0
+
+    def run_text(self, ids: np.ndarray, prompt_set: int = 0) -> np.ndarray:
+        self.calls += 1
+        self.texts += len(ids)
+        return self.inner.run_text(ids, prompt_set)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def counting_runtime() -> type[CountingRuntime]:
+    return CountingRuntime

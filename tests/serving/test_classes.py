@@ -60,12 +60,31 @@ def test_normalize_applies_the_one_class_name_rule(make):
     assert reg.names() == ["cat", "dog", "golden retriever"]
 
 
-def test_case_twins_are_kept_but_logged(make, caplog):
+def test_case_twins_are_one_class(make):
+    """Issue 16 item 9 (changed from "case twins are kept but logged"): "Red Circle" and "red circle" would get one
+    embedding (CLIP lowercases) and split its score, so the second spelling is refused as already registered."""
     reg = make()
-    with caplog.at_level("WARNING", logger="serving.classes"):
+    with pytest.raises(ClassNameError, match=r"already registered: 'Cat' \(as 'cat'\).*ignoring case"):
         reg.add(["Cat"])
-    assert reg.names() == [*INITIAL, "Cat"]
-    assert "'Cat' differs from 'cat' only in case" in caplog.text
+    reg.add(["Red Circle"])
+    with pytest.raises(ClassNameError, match="already registered"):
+        reg.add(["red  circle"])
+    with pytest.raises(ClassNameError, match="more than once"):
+        reg.add(["Blue Square", "blue square"])
+    assert reg.names() == [*INITIAL, "Red Circle"]
+    assert reg.remove(["RED CIRCLE"]) == ["Red Circle"], "removal finds the registered spelling"
+    assert reg.names() == INITIAL
+
+
+def test_unicode_policy(make):
+    """NFC, ZWJ (emoji sequences) and ZWNJ (Persian) are kept; other invisible format characters are refused."""
+    reg = make()
+    assert reg.normalize_name("cafe\u0301") == "caf\u00e9"  # decomposed e + accent -> composed
+    for name in ("\U0001F469\u200D\U0001F52C", "\u0645\u06CC\u200C\u062E\u0648\u0627\u0647\u0645"):
+        assert reg.normalize_name(name) == name
+    reg.add(["\U0001F469\u200D\U0001F52C"])
+    with pytest.raises(ClassNameError, match="U\\+200B"):
+        reg.normalize_name("zero\u200bwidth")
 
 
 @pytest.mark.parametrize(
@@ -129,8 +148,9 @@ def test_add_refuses_duplicates_and_registered_names(make):
     with pytest.raises(ClassNameError, match="empty"):
         reg.add([])
     assert reg.version == 1  # nothing was applied
-    reg.add(["Cat"])  # case-sensitive
-    assert "Cat" in reg
+    with pytest.raises(ClassNameError, match="already registered"):  # issue 16: case is not part of the identity
+        reg.add(["Cat"])
+    assert "Cat" not in reg
 
 
 def test_add_respects_max_classes(make):
@@ -184,7 +204,7 @@ def test_corrupt_state_file_is_refused_and_kept(make, tmp_path, content):
         make(tmp_path)
     msg = str(info.value)
     assert str(path) in msg and "Move it away" in msg
-    assert http_status(info.value) == 500
+    assert http_status(info.value) == 503  # issue 16: not ready while the class state is unreadable
     assert path.read_text() == content  # never overwritten
 
 
@@ -270,3 +290,18 @@ def test_acknowledged_add_survives_kill_9(tmp_path):
     tok = ClipTokenizer(default_vocab_path())
     reg = ClassRegistry(tmp_path, ["other"], tokenizer=tok, template=TEMPLATE)
     assert reg.names() == [*INITIAL, "zebra"] and reg.version == 2
+
+
+def test_a_lost_state_file_is_refused_unless_starting_empty(tmp_path, make):
+    """Issue 16: a state dir that once held classes.json but lost it does not start silently from the bundle."""
+    from serving.classes import MARKER_FILE
+
+    reg = make(tmp_path)
+    reg.add(["zebra"])
+    assert (tmp_path / MARKER_FILE).exists()
+    (tmp_path / STATE_FILE).unlink()
+    with pytest.raises(ClassStateError, match="is missing.*--start-empty"):
+        make(tmp_path)
+    assert not (tmp_path / STATE_FILE).exists()
+    assert make(tmp_path, start_empty=True).names() == INITIAL
+    assert make(tmp_path / "new").names() == INITIAL  # a fresh directory needs no flag

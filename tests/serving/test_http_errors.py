@@ -35,7 +35,7 @@ from training.errors import ArtifactError, DatasetError, RegistryError
         (ClassNameError, 422),
         (RequestError, 422),
         (BundleError, 500),
-        (ClassStateError, 500),
+        (ClassStateError, 503),  # issue 16: the service is not ready while its class state is unreadable
         (RuntimeUnavailableError, 500),
         (ServiceConfigError, 500),
     ],

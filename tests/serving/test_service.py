@@ -20,7 +20,9 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_UPLOAD = 200_000
 ENV_KEYS = ("PROMPTCLIP_BUNDLE", "PROMPTCLIP_STATE_DIR", "PROMPTCLIP_API_TOKEN", "PROMPTCLIP_MAX_UPLOAD_BYTES",
-            "PROMPTCLIP_MAX_BATCH_IMAGES", "PROMPTCLIP_RUNTIME")
+            "PROMPTCLIP_MAX_BATCH_IMAGES", "PROMPTCLIP_RUNTIME", "PROMPTCLIP_START_EMPTY", "PROMPTCLIP_MAX_ADD_NAMES",
+            "PROMPTCLIP_MAX_ADHOC_CLASSES", "PROMPTCLIP_MAX_REQUEST_PIXELS", "PROMPTCLIP_MAX_CLASSES",
+            "PROMPTCLIP_OPEN_WRITES", "PROMPTCLIP_BUNDLE_DIGEST", "PROMPTCLIP_BATCHING")
 
 
 _APP = None
@@ -295,6 +297,11 @@ def test_healthz(client):
     # BentoML's own liveness/readiness probes stay in place.
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
+    info = client.get("/info")  # issue 16: the JSON health over GET
+    assert info.status_code == 200 and info.headers["content-type"].startswith("application/json")
+    assert {k: v for k, v in info.json().items() if k != "worker_pid"} == {
+        k: v for k, v in body.items() if k != "worker_pid"}
+    assert client.get("/no-such-path").status_code == 404
 
 
 def test_multiset_bundle_is_served_like_any_other(multiset_bundle, image_bytes, tmp_path):
@@ -335,15 +342,125 @@ def test_settings_from_env(tmp_path):
     assert s.api_token is None and s.state_dir is None and s.runtime == "auto"
 
 
-def test_open_service_and_state_errors(synthetic_bundle, tmp_path):
-    """Without a token mutations are open; a corrupt state file is a 500 with a clear JSON body."""
-    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path)}
+def test_open_service_and_state_errors(synthetic_bundle, tmp_path, caplog):
+    """Without a token and with open writes mutations are open; a state file corrupted while serving makes readiness
+    fail and every request that needs the class list answer 503 with a JSON body that holds no server path (the log
+    has it)."""
+    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path),
+           "PROMPTCLIP_OPEN_WRITES": "1"}  # issue 16: open writes are asked for explicitly
     with running(env) as c:
         resp = c.post("/add_classes", json={"names": ["zebra"]})
         assert resp.status_code == 200 and resp.json()["version"] == 2
+        assert c.get("/readyz").status_code == 200
         (tmp_path / "classes.json").write_text("{oops")
-        body = assert_error(c.post("/classes"), 500, "ClassStateError", contains="Move it away")
-        assert str(tmp_path / "classes.json") in body["message"]
+        body = assert_error(c.post("/classes"), 503, "ClassStateError", contains="not ready")
+        assert str(tmp_path) not in json.dumps(body) and "/" not in body["message"]
+        assert c.get("/readyz").status_code == 503
+        assert any("Move it away" in r.getMessage() and str(tmp_path / "classes.json") in r.getMessage()
+                   for r in caplog.records), "the operator's log names the file and the fix"
+        (tmp_path / "classes.json").write_text(json.dumps(
+            {"format": "promptclip.classes", "format_version": 1, "version": 3, "names": ["cat", "dog"]}))
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/classes").json()["names"] == ["cat", "dog"]
+
+
+def test_classes_form_field_accepts_json_comma_separated_and_repeated(client, image_bytes):
+    """Issue 16 item 9: `classes=red circle,blue square` is two classes, as with the CLI's --classes."""
+    for data in ({"classes": "red circle,blue square"}, {"classes": json.dumps(["red circle", "blue square"])},
+                 {"classes": ["red circle", "blue square"]}):
+        resp = client.post("/classify", files={"image": _png(image_bytes)}, data={**data, "top_k": "2"})
+        assert resp.status_code == 200, resp.text
+        assert {p["name"] for p in resp.json()["predictions"]} == {"red circle", "blue square"}
+        assert resp.json()["classes_version"] is None
+    listed = client.post("/add_classes", json={"names": ["Red Circle"]}, headers=AUTH)
+    assert listed.status_code == 200
+    assert_error(client.post("/add_classes", json={"names": ["red circle"]}, headers=AUTH), 422, "ClassNameError",
+                 contains="ignoring case")
+
+
+def test_prometheus_metrics_include_ours(client, image_bytes):
+    """Issue 16: BentoML's metrics plus classes, encode time, batch sizes and errors by kind."""
+    assert client.post("/classify", files={"image": _png(image_bytes)},
+                       data={"classes": "zebra,okapi"}).status_code == 200
+    assert client.post("/classify", files={"image": ("x.png", b"nope", "image/png")}).status_code == 400
+    # in process BentoML's GET /metrics never answers (its multiprocess collector); the real-server test in
+    # test_processes.py reads GET /metrics, here the process registry is read directly
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    for name in ("promptclip_text_encode_seconds_count", "promptclip_image_batch_size_count",
+                 'promptclip_errors_total{error="ImageDecodeError",status="400"}'):
+        assert name in text, name
+
+
+def test_a_corrupt_state_at_start_up_gives_a_not_ready_service_not_a_crash_loop(synthetic_bundle, tmp_path,
+                                                                                 monkeypatch):
+    """`bentoml serve` directly (a Bento container): the worker starts not ready and answers 503 without paths (no
+    restart loop, no hanging requests), and becomes ready once the state file is fixed."""
+    from serving.service import PromptclipService
+
+    monkeypatch.setattr(PromptclipService.inner, "RELOAD_INTERVAL_S", 0.0)
+    (tmp_path / "classes.json").write_text("{oops")
+    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path),
+           "PROMPTCLIP_API_TOKEN": TOKEN}
+    with running(env) as c:
+        assert c.get("/readyz").status_code == 503
+        body = assert_error(c.post("/classes"), 503, "ClassStateError")
+        assert str(tmp_path) not in json.dumps(body)
+        assert c.get("/info").status_code == 503
+        (tmp_path / "classes.json").write_text(json.dumps(
+            {"format": "promptclip.classes", "format_version": 1, "version": 2, "names": ["cat", "zebra"]}))
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/classes").json()["names"] == ["cat", "zebra"]
+
+
+def test_writes_are_closed_without_a_token_unless_opened(synthetic_bundle, tmp_path, caplog):
+    """Issue 16, safe defaults: no token means no class changes; reads stay open."""
+    env = {"PROMPTCLIP_BUNDLE": str(synthetic_bundle.path), "PROMPTCLIP_STATE_DIR": str(tmp_path)}
+    with running(env) as c:
+        for route in ("/add_classes", "/remove_classes"):
+            assert_error(c.post(route, json={"names": ["cat"]}), 401, "AuthError", contains="PROMPTCLIP_OPEN_WRITES")
+        assert c.post("/classes").status_code == 200
+        assert c.post("/classify", files={"image": ("p.png", _png_bytes_for_auth(), "image/png")}).status_code == 200
+    assert "are refused" in caplog.text
+    with running({**env, "PROMPTCLIP_OPEN_WRITES": "1"}) as c:
+        assert c.post("/add_classes", json={"names": ["zebra"]}).status_code == 200
+    assert "OPEN to every client" in caplog.text
+
+
+def _png_bytes_for_auth() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_pinned_bundle_digest_refuses_any_change(synthetic_bundle, bundle_copy, edit_manifest):
+    """Issue 16: one digest over the manifest and every file; an edit of the manifest alone (a relabelled class)
+    is refused when the digest is pinned."""
+    from serving.classifier import Classifier, check_bundle_digest
+    from serving.errors import BundleError
+    from serving.manifest import bundle_digest
+
+    digest = bundle_digest(bundle_copy)
+    assert digest.startswith("sha256:") and digest == bundle_digest(bundle_copy)
+    assert check_bundle_digest(bundle_copy, digest) == digest
+    Classifier.from_bundle(bundle_copy, expected_digest=digest, warmup=False)
+
+    def relabel(m: dict) -> None:
+        m["classes"]["names"][0] = "lion"
+
+    edit_manifest(bundle_copy, relabel)
+    assert bundle_digest(bundle_copy) != digest
+    with pytest.raises(BundleError, match="was pinned"):
+        Classifier.from_bundle(bundle_copy, expected_digest=digest, warmup=False)
+    with pytest.raises(BundleError, match="is not of the form"):
+        check_bundle_digest(bundle_copy, "abc")
+    env = {"PROMPTCLIP_BUNDLE": str(bundle_copy), "PROMPTCLIP_BUNDLE_DIGEST": digest}
+    assert ServiceSettings.from_env(env).bundle_digest == digest
 
 
 def test_service_import_and_classification_are_torch_free(synthetic_bundle, multiset_bundle, image_bytes,
@@ -373,3 +490,75 @@ def test_service_import_and_classification_are_torch_free(synthetic_bundle, mult
                           cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch-free ok" in proc.stdout
+
+
+# -- the OpenAPI document and a bounded schemathesis run ---------------------------------------------
+
+
+def test_openapi_document_is_the_service(client):
+    """Issue 16 item 8: the served document is serving.openapi's: every status, the real error body, uploads as
+    OpenAPI 3 binary, `names: []` refused by the schema as by the service."""
+    from serving.openapi import openapi_document
+
+    doc = client.get("/docs.json").json()
+    assert doc == openapi_document() == client.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    form = doc["paths"]["/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["image"] == {**form["properties"]["image"], "type": "string", "format": "binary"}
+    assert '"type": "file"' not in json.dumps(doc)
+    add = doc["paths"]["/add_classes"]["post"]
+    assert {"200", "401", "413", "415", "422", "503"} <= set(add["responses"])
+    assert add["responses"]["422"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"}
+    assert add["requestBody"]["content"]["application/json"]["schema"]["properties"]["names"]["minItems"] == 1
+    assert {"400", "413", "422"} <= set(doc["paths"]["/classify"]["post"]["responses"])
+
+
+try:
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+except ImportError as _exc:  # the dev extra installs it: a missing one is an error, not a skip
+    raise ImportError(f"schemathesis is needed by the serving tests: pip install -e '.[dev]' ({_exc})") from _exc
+
+#: Examples per operation and mode (valid, invalid): 9 operations x 2 x 12 stay under ~30 s on 2 cores.
+SCHEMATHESIS_EXAMPLES = 12
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(client):
+    """A bounded schema-driven run over the served document: no 5xx, every status documented, every body matching
+    its documented schema (with the token, so the write endpoints are exercised past auth)."""
+    schema = schemathesis.openapi.from_asgi("/docs.json", _app())
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    counts: dict[str, int] = {}
+    statuses: dict[int, int] = {}
+    def run_operation(operation, mode) -> None:
+        @settings(max_examples=SCHEMATHESIS_EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(mode))
+        def run(case) -> None:
+            response = case.call_and_validate(headers=AUTH, checks=checks)
+            counts[operation.label] = counts.get(operation.label, 0) + 1
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        run()
+
+    from serving.openapi import openapi_document
+
+    paths = openapi_document()["paths"]
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        has_body = "requestBody" in paths[operation.path][operation.method.lower()]
+        # valid requests, and invalid ones where there is something to get wrong (GET probes take no input)
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if has_body else (GenerationMode.POSITIVE,):
+            run_operation(operation, mode)
+    assert len(counts) == 9, counts
+    assert sum(counts.values()) >= 9 * 10
+    assert not [s for s in statuses if s >= 500], statuses
+    print(f"schemathesis: {sum(counts.values())} cases, statuses {dict(sorted(statuses.items()))}")

@@ -7,6 +7,7 @@ from typing import Any
 
 from export.bundle import export_bundle
 from promptclip.cli.values import class_list
+from serving.manifest import bundle_digest
 
 
 def _worst(entry: Any) -> dict[str, float]:
@@ -21,6 +22,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                          precision=args.precision, optimize=args.optimize)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"bundle: {path}")
+    print(f"digest: {bundle_digest(path)}   (pin it: serve/classify --bundle-digest, PROMPTCLIP_BUNDLE_DIGEST)")
     print(json.dumps({"classes": len(manifest["classes"]["names"]),
                       "prompt_sets": (manifest.get("prompt_sets") or {}).get("names", ["default"]),
                       "parity": {k: _worst(v) for k, v in manifest["parity"].items()}}, indent=2))

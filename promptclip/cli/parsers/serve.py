@@ -24,9 +24,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--state-dir", help="where runtime class additions are persisted")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=3000)
-    s.add_argument("--workers", type=int, help="number of API worker processes")
+    s.add_argument("--workers", type=int, help="number of API worker processes (several need --state-dir)")
+    s.add_argument("--start-empty", action="store_true",
+                   help="start again from the bundle's classes when the state dir's class file is missing "
+                        "(refused otherwise: the classes added at runtime would be lost)")
     s.add_argument("--token", default=os.environ.get("PROMPTCLIP_API_TOKEN"),
-                   help="bearer token required by mutating endpoints (default: $PROMPTCLIP_API_TOKEN)")
+                   help="bearer token required by /add_classes and /remove_classes (default: $PROMPTCLIP_API_TOKEN; "
+                        "without one they are refused unless --open-writes)")
+    s.add_argument("--open-writes", action="store_true",
+                   help="without a token, let EVERY client that reaches the server add and remove classes")
+    s.add_argument("--bundle-digest", default=os.environ.get("PROMPTCLIP_BUNDLE_DIGEST"),
+                   help="refuse to serve unless the bundle's digest (printed by `promptclip export`) is this one "
+                        "(default: $PROMPTCLIP_BUNDLE_DIGEST)")
     _runtime_options(s)
     s.set_defaults(handler=(HANDLERS, "cmd_serve"))
 
@@ -34,8 +43,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--bundle", required=True)
     s.add_argument("images", nargs="+")
     s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--classes", help="comma-separated ad-hoc class list for this call")
+    s.add_argument("--classes", help="ad-hoc class list for this call: comma-separated, or a JSON list")
     s.add_argument("--classes-file")
     s.add_argument("--state-dir")
+    s.add_argument("--bundle-digest", default=os.environ.get("PROMPTCLIP_BUNDLE_DIGEST"),
+                   help="refuse a bundle whose digest is not this one (default: $PROMPTCLIP_BUNDLE_DIGEST)")
     _runtime_options(s)
     s.set_defaults(handler=(HANDLERS, "cmd_classify"))
