@@ -96,9 +96,7 @@ def main() -> int:
           f"re-encoding every class: {reencode:.2f}s")
 
     if args.server:
-        import httpx
-
-        from promptclip.server import free_port
+        from promptclip.server import free_port, wait_ready
 
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PROMPTCLIP_MAX_CLASSES": str(limits["max_classes"])}
@@ -107,15 +105,7 @@ def main() -> int:
                                  str(state), "--port", str(port), "--token", "bench"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"promptclip serve exited with {proc.returncode}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
+            wait_ready(f"http://127.0.0.1:{port}", proc, timeout=3600)
             results["server_ready_s"] = time.perf_counter() - t
             print(f"promptclip serve ready after {results['server_ready_s']:.1f}s")
         finally:

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(url: str, proc: subprocess.Popen, *, timeout: float = 120.0, poll_s: float = 0.2,
+               describe: Callable[[], str] = lambda: "") -> None:
+    """Block until ``url``/readyz answers 200 while ``proc`` (the server) runs.
+
+    Raises:
+        RuntimeError: the server exited first (with ``describe()``, e.g. its log's tail).
+        TimeoutError: not ready after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; {describe()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"server not ready after {timeout:.0f}s; {describe()}")
+
+
 class ServerProcess:
     """A real ``bentoml serve`` process on loopback, started and stopped by pid. For the demo, the tests and the
     benchmarks: without a ``token`` its class changes are open (``open_writes`` defaults to ``token is None``);
@@ -140,17 +162,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until ``/readyz`` answers 200; raise with the server log's tail if it exits or times out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}; log: {self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {timeout:.0f}s; log: {self.tail()}")
+        wait_ready(self.url, self.proc, timeout=timeout, describe=self.tail)
 
     def tail(self, n: int = 3000) -> str:
         if self.log_path and self.log_path.exists():

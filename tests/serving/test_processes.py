@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from promptclip.server import free_port
+from promptclip.server import free_port, wait_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "proc-token"
@@ -89,16 +89,7 @@ class Serve:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}: {self.log()}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"not ready after {timeout:.0f}s: {self.log()}")
+        wait_ready(self.url, self.proc, timeout=timeout, poll_s=0.3, describe=self.log)
 
     def kill(self) -> None:
         for pid in [self.proc.pid, *_descendants(self.proc.pid)]:
