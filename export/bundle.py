@@ -48,14 +48,19 @@ log = logging.getLogger(__name__)
 
 
 def normalize_class_names(names: Sequence[str]) -> list[str]:
-    """The names in canonical form (:func:`serving.format.canonical_class_name`); refuse empties and duplicates."""
+    """The names in canonical form (:func:`serving.format.canonical_class_name`); refuse empties and duplicates
+    (names with the same :func:`serving.format.class_name_key` are one class, as the service treats them)."""
     out: list[str] = []
+    seen: dict[str, str] = {}
     for raw in names:
         name = fmt.canonical_class_name(raw)
         if not name:
             raise ExportError(f"empty class name in the class list ({raw!r}); remove it")
-        if name in out:
-            raise ExportError(f"duplicate class name {name!r} in the class list; each class must appear once")
+        key = fmt.class_name_key(name)
+        if key in seen:
+            same = "" if seen[key] == name else f" (the same class as {seen[key]!r}: case is ignored)"
+            raise ExportError(f"duplicate class name {name!r} in the class list{same}; each class must appear once")
+        seen[key] = name
         out.append(name)
     if not out:
         raise ExportError("the class list is empty; pass --classes or a --classes-file with at least one name")

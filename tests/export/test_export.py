@@ -120,6 +120,8 @@ def test_export_refuses_bad_inputs_and_keeps_existing(tmp_path, trained, bundles
     art = trained["coop"].artifact
     with pytest.raises(ExportError, match="duplicate class name"):
         export_bundle(art, tmp_path / "x", class_names=["cat", "cat"], exporter="torchscript")
+    with pytest.raises(ExportError, match="the same class as 'golden retriever': case is ignored"):
+        export_bundle(art, tmp_path / "x", class_names=["golden_retriever", "Golden Retriever"], exporter="torchscript")
     with pytest.raises(ExportError, match="empty class name"):
         export_bundle(art, tmp_path / "x", class_names=["cat", "  "], exporter="torchscript")
     with pytest.raises(ExportError, match="unknown exporter"):
