@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_training_options
+
 #: the handler module of this group
 HANDLERS = "promptclip.cli.commands.reproduce"
 
@@ -27,21 +29,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--recipe", default="paper", choices=["paper", "none"],
                    help="paper (default): the method's official training recipe for the protocol (README table); "
                         "every option below overrides one of its values. none: training defaults + these options")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--max-steps", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--optimizer", choices=["sgd", "adamw"])
-    s.add_argument("--momentum", type=float, help="SGD momentum (0: plain SGD)")
-    s.add_argument("--weight-decay", type=float)
-    s.add_argument("--warmup-epochs", type=int, help="epochs at constant --warmup-lr before the cosine schedule")
-    s.add_argument("--warmup-steps", type=int)
-    s.add_argument("--warmup-lr", type=float)
-    s.add_argument("--augment", choices=["crop_flip", "flip", "none"])
-    s.add_argument("--crop-scale", metavar="MIN,MAX", help="area range of the random resized crop, e.g. 0.7,1")
-    s.add_argument("--device")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    s.add_argument("--num-workers", type=int)
+    add_training_options(s)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(handler=(HANDLERS, "cmd_reproduce"))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_training_options
+
 #: the handler module of this group
 HANDLERS = "promptclip.cli.commands.train"
 
@@ -33,23 +35,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--shots", type=int, default=16, help="images per class (0 = all)")
     s.add_argument("--subsample", default="base", choices=["base", "new", "all"], help="which classes to train on")
     s.add_argument("--template", default="a photo of a {}.", help="hand-crafted prompt template of the dataset")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="method config option (repeatable)")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--max-steps", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--optimizer", choices=["sgd", "adamw"])
-    s.add_argument("--warmup-steps", type=int)
-    s.add_argument("--warmup-epochs", type=int)
-    s.add_argument("--warmup-lr", type=float)
-    s.add_argument("--momentum", type=float, help="SGD momentum (0: plain SGD)")
-    s.add_argument("--weight-decay", type=float)
-    s.add_argument("--crop-scale", metavar="MIN,MAX", help="area range of the random resized crop, e.g. 0.7,1")
+    add_training_options(s)
     s.add_argument("--seed", type=int)
-    s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    s.add_argument("--num-workers", type=int)
-    s.add_argument("--augment", choices=["crop_flip", "flip", "none"])
     s.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step (GPU)")
     s.add_argument("--no-eval", action="store_true", help="skip the base/new evaluation after training")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact in OUT/artifact")
