@@ -1,7 +1,8 @@
-"""The disjoint base/new split of the toy world and the paired statistics of the benchmark tables."""
+"""The disjoint and colour base/new splits of the toy world and the paired statistics of the benchmark tables."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 
@@ -29,6 +30,41 @@ def test_disjoint_split_new_classes_share_no_shape_with_base(n):
         world.disjoint_style_classes("sketch", num_classes=121)
 
 
+def _colour(name: str) -> str:
+    return name.split(" ")[0]
+
+
+@pytest.mark.parametrize("n", [2, 5, 10, 20])
+def test_colour_split_base_is_one_colour_and_new_classes_differ_in_colour(n):
+    classes = world.colour_split_classes("noisy", num_classes=n, seed=4)
+    names = [world.class_name(*c) for c in classes]
+    base, new = names[:math.ceil(n / 2)], names[math.ceil(n / 2):]
+    assert len(set(names)) == n and len({_colour(x) for x in base}) == 1  # base classes differ only in shape
+    assert len({_shape(x) for x in base}) == len(base)
+    assert not {_shape(x) for x in base} & {_shape(x) for x in new}
+    assert not {_colour(x) for x in base} & {_colour(x) for x in new}
+    if n == 20:  # 10 new classes on the 2 shapes left: 5 colours per shape, told apart by colour alone
+        assert sorted(Counter(_shape(x) for x in new).values()) == [5, 5]
+    assert classes == world.colour_split_classes("noisy", num_classes=n, seed=4)  # seeded
+    assert classes != world.colour_split_classes("noisy", num_classes=n, seed=5) or n == 2
+
+
+@pytest.mark.parametrize("n", [1, 21, 40])
+def test_colour_split_refuses_class_counts_it_cannot_hold(n):
+    with pytest.raises(DatasetError, match=r"colour split must be in 2\.\.20"):
+        world.colour_split_classes("noisy", num_classes=n)
+
+
+def test_colour_datasets_put_base_first_for_the_coop_rule(tmp_path):
+    toy = ToyWorldProvider(tmp_path, num_classes=6, train_per_class=2, test_per_class=1)
+    assert toy.dataset_name("lowres", split="colour") == "colour-lowres"
+    splits = toy.load("colour-lowres")
+    base, new = subsample_classes(splits, "base"), subsample_classes(splits, "new")
+    assert len({_colour(x) for x in base.classnames}) == 1
+    assert not {_colour(x) for x in base.classnames} & {_colour(x) for x in new.classnames}
+    assert dataset_provider(tmp_path / "r").load("toyworld-colour-clean").name == "toyworld-colour-clean"
+
+
 def test_disjoint_datasets_put_base_first_for_the_coop_rule(tmp_path):
     toy = ToyWorldProvider(tmp_path, num_classes=6, train_per_class=2, test_per_class=1)
     splits = toy.load("disjoint-palette")
@@ -37,7 +73,7 @@ def test_disjoint_datasets_put_base_first_for_the_coop_rule(tmp_path):
     assert all(splits.classnames[s.label] == s.path.split("/")[-2].replace("_", " ") for s in splits.test)
     assert toy.dataset_name("palette", split="disjoint") == "disjoint-palette"
     with pytest.raises(DatasetError, match="split"):
-        toy.dataset_name("palette", split="colour")
+        toy.dataset_name("palette", split="shape")
     # reproduce selects it by name too
     assert dataset_provider(tmp_path / "r").load("toyworld-disjoint-clean").name == "toyworld-disjoint-clean"
 

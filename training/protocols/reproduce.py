@@ -15,6 +15,7 @@ toyworld``): every finished (dataset, seed[, shots]) run is appended to ``OUT/ru
 command runs again, so an interrupted reproduction resumes. Few-shot selections are cached per dataset/shots/seed as
 JSON. Datasets come from :func:`dataset_provider`: the registry names of ``training.data.list_datasets()`` plus the
 toy world (``toyworld-<style>``, ``toyworld-disjoint-<style>`` (base/new split sharing no shape),
+``toyworld-colour-<style>`` (base classes one colour, new ones differing in colour),
 ``toyworld-dg-<style>`` and, for ``multi-source-dg``, ``toyworld``; generated on
 demand under ``ROOT/toyworld/``), so the whole pipeline can be exercised offline.
 """
@@ -116,7 +117,7 @@ NAMING = RunNaming({
 
 def dataset_provider(root: str | Path) -> DatasetProvider:
     """The benchmark catalog under ``root`` plus ``toyworld-<style>`` / ``toyworld-disjoint-<style>`` /
-    ``toyworld-dg-<style>`` / ``toyworld``
+    ``toyworld-colour-<style>`` / ``toyworld-dg-<style>`` / ``toyworld``
     (generated under ``root/toyworld/``)."""
     return CombinedProvider(ToyWorldProvider(Path(root) / "toyworld", prefix="toyworld-"), CatalogProvider(root))
 

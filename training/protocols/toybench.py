@@ -6,8 +6,9 @@ Three protocols, mirroring the field's (methods.md §2.2), with the toy world's 
   base half (CoOp rule on sorted class names), accuracy on the base and new halves of the test split, HM;
   it runs on each of ``splits``: ``name`` (today's split: new classes are unseen colour-shape pairs whose shapes
   also occur among the base classes) and ``disjoint`` (new classes share no shape with base classes, so a context
-  that overfits to the base shapes shows it: :mod:`training.toyworld.provider`); rows of the disjoint split carry
-  the style as ``disjoint-<style>``;
+  that overfits to the base shapes shows it) and ``colour`` (base classes are one colour and differ only in shape,
+  new classes are other shapes that differ in colour: a prompt fitted to the base classes never needs colour;
+  :mod:`training.toyworld.provider`); rows of the other splits carry the style as ``<split>-<style>``;
 * **cross-style transfer** (as cross-dataset): train on the source style with all its classes, evaluate on every
   other style's own classes;
 * **domain generalisation**: the same source-trained model on the source classes rendered in the held-out styles;
@@ -120,6 +121,14 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = False) -> d
     return summary
 
 
+#: what each base/new split means, for the report headings
+SPLIT_DESCRIPTIONS = {
+    "name": "new classes share shapes with base classes",
+    "disjoint": "new classes share no shape with base classes",
+    "colour": "base classes are one colour and differ only in shape; new classes are other shapes in other colours",
+}
+
+
 def _b2n_reports(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]], methods: Sequence[str], split: str,
                  summary: dict[str, Any]) -> list[str]:
     """The base-to-novel table, paired comparisons and charts of one split (file names suffixed unless ``name``)."""
@@ -132,8 +141,7 @@ def _b2n_reports(cfg: BenchConfig, out: Path, rows: list[dict[str, Any]], method
     table, text = report.b2n_table(b2n, methods=methods, groups=list(cfg.styles))
     summary[key] = table
     report.write_csv(out / f"{key}.csv", table)
-    what = ("new classes share shapes with base classes" if split == "name"
-            else "new classes share no shape with base classes")
+    what = SPLIT_DESCRIPTIONS.get(split, split)
     md = [f"## Base-to-novel, {split} split ({what}; accuracy %, base / new / HM; mean over seeds)", "", text, ""]
     paired, ptext = report.paired_b2n_table(b2n, methods=methods, references=PAIRED_REFERENCES, groups=list(cfg.styles))
     if paired:

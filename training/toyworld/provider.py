@@ -9,6 +9,9 @@ Dataset names (after an optional ``prefix``, ``"toyworld-"`` in ``promptclip rep
   context that overfits to the base shapes cannot transfer through a shared shape, as it can on ``<style>``, whose
   base/new halves split the sorted names and so share shapes). The base classes come first in label order, so the
   CoOp base/new rule (first ``ceil(n / 2)`` labels) picks them;
+* ``colour-<style>``: the *colour* base/new split of ``<style>``: the base classes are one colour and differ only in
+  shape; the new classes are the other shapes in other colours, so new classes sharing a shape differ only in colour.
+  A prompt fitted to the base classes has no reason to keep colour, which the new classes need (base first, as above);
 * :data:`WORLD` (``"toyworld"``, never prefixed): the multi-source dataset whose domains are the styles; leaving
   one style out trains on the source classes rendered in every other style (one domain per style).
 
@@ -26,9 +29,14 @@ from training.toyworld import world
 
 WORLD = "toyworld"
 #: Base/new splits of the toy world: ``"name"`` (the CoOp rule on sorted class names; novel classes share shapes
-#: with base ones) and ``"disjoint"`` (novel classes share no shape with base classes).
-SPLITS = ("name", "disjoint")
+#: with base ones), ``"disjoint"`` (novel classes share no shape with base classes) and ``"colour"`` (base classes
+#: are one colour and differ only in shape; novel classes are other shapes that differ in colour).
+SPLITS = ("name", "disjoint", "colour")
 DISJOINT = "disjoint-"
+COLOUR = "colour-"
+#: dataset-name prefix and class picker of each split but ``name``
+_SPLIT_PREFIX = {"disjoint": DISJOINT, "colour": COLOUR}
+_SPLIT_CLASSES = {"disjoint": world.disjoint_style_classes, "colour": world.colour_split_classes}
 
 
 class ToyWorldProvider:
@@ -56,20 +64,20 @@ class ToyWorldProvider:
         if split not in SPLITS:
             raise DatasetError(f"unknown toy-world split {split!r}; choose from {', '.join(SPLITS)}")
         if dg and split != "name":
-            raise DatasetError("the disjoint split is a base-to-novel split; dg datasets have no base/new split")
-        return f"{self.prefix}{'dg-' if dg else ''}{DISJOINT if split == 'disjoint' else ''}{style}"
+            raise DatasetError(f"the {split} split is a base-to-novel split; dg datasets have no base/new split")
+        return f"{self.prefix}{'dg-' if dg else ''}{_SPLIT_PREFIX.get(split, '')}{style}"
 
     def owns(self, name: str) -> bool:
         if name == WORLD:
             return True
         key = name[len(self.prefix):] if name.startswith(self.prefix) else None
-        return key is not None and (key.removeprefix("dg-") in world.STYLES or key.removeprefix(DISJOINT)
-                                    in world.STYLES)
+        return key is not None and any(key.removeprefix(p) in world.STYLES for p in ("dg-", DISJOINT, COLOUR))
 
     def load(self, name: str) -> DatasetSplits:
         if not self.owns(name) or name == WORLD:
             raise DatasetError(f"{name!r} is not a toy-world dataset; use {self.prefix}<style>, "
-                               f"{self.prefix}{DISJOINT}<style> or {self.prefix}dg-<style> with a style of "
+                               f"{self.prefix}{DISJOINT}<style>, {self.prefix}{COLOUR}<style> or "
+                               f"{self.prefix}dg-<style> with a style of "
                                f"{', '.join(world.STYLES)}")
         key = name[len(self.prefix):]
         if key.startswith("dg-"):  # one training image per class: only the test split is used
@@ -77,10 +85,9 @@ class ToyWorldProvider:
             splits = world.write_style_dataset(self.root / key, style, classes=self._classes(self.source_style),
                                                train_per_class=1, test_per_class=self.test_per_class,
                                                seed=self.data_seed + 1)
-        elif key.startswith(DISJOINT):
-            style = key[len(DISJOINT):]
-            classes = world.disjoint_style_classes(style, num_classes=self.num_classes,
-                                                  seed=self.data_seed)
+        elif (split := next((sp for sp, p in _SPLIT_PREFIX.items() if key.startswith(p)), None)) is not None:
+            style = key[len(_SPLIT_PREFIX[split]):]
+            classes = _SPLIT_CLASSES[split](style, num_classes=self.num_classes, seed=self.data_seed)
             splits = ordered_labels(world.write_style_dataset(
                 self.root / key, style, classes=classes, train_per_class=self.train_per_class,
                 test_per_class=self.test_per_class, seed=self.data_seed), [world.class_name(*c) for c in classes])

@@ -65,6 +65,7 @@ __all__ = [
     "default_holdout",
     "style_classes",
     "disjoint_style_classes",
+    "colour_split_classes",
     "write_style_dataset",
     "palette_color",
 ]
@@ -260,6 +261,37 @@ def disjoint_style_classes(style: str, *, num_classes: int = 20, seed: int = 0) 
         pick = rng.choice(len(pool), size=count, replace=False)
         out += sorted((pool[int(i)] for i in pick), key=lambda p: class_name(*p))
     return out
+
+
+def colour_split_classes(style: str, *, num_classes: int = 20, seed: int = 0) -> list[tuple[str, str]]:
+    """``num_classes`` seeded classes of ``style`` in which the base classes differ only in shape and the new ones
+    also in colour: the first ``ceil(n / 2)`` (base) are that many seeded shapes in one seeded colour; the rest
+    (new) are the remaining shapes in the other colours, spread evenly over those shapes, so new classes that
+    share a shape differ only in colour. A prompt fitted to the base classes never needs colour, so a context
+    that overfits to them loses what the new classes need (the CoOp novel-class drop). Each half is sorted by
+    class name; the base half comes first."""
+    check_style(style, pretrain_ok=False)
+    n = int(num_classes)
+    base_n, new_n = (n + 1) // 2, n // 2
+    def fits(k: int) -> bool:  # one shape per base class, the other shapes in the other colours for the new ones
+        b = (k + 1) // 2
+        return 2 <= k and b < len(SHAPES) and k // 2 <= (len(SHAPES) - b) * (len(COLORS) - 1)
+
+    if not fits(n):
+        limit = max(k for k in range(2, 2 * len(SHAPES)) if fits(k))
+        raise DatasetError(f"num_classes of the colour split must be in 2..{limit} (each base class needs its own "
+                           f"shape, and the shapes left over must hold the new classes), got {num_classes!r}")
+    rng = _seeded_rng("toyworld-colour", style, int(seed))
+    shapes = [SHAPES[int(i)] for i in rng.permutation(len(SHAPES))]
+    colors = [list(COLORS)[int(i)] for i in rng.permutation(len(COLORS))]
+    base_color, others = colors[0], colors[1:]
+    base = sorted(((base_color, s) for s in shapes[:base_n]), key=lambda p: class_name(*p))
+    rest = shapes[base_n:]
+    new: list[tuple[str, str]] = []
+    for k, shape in enumerate(rest):  # new_n classes spread evenly over the remaining shapes
+        count = new_n // len(rest) + (1 if k < new_n % len(rest) else 0)
+        new += [(others[int(i)], shape) for i in rng.choice(len(others), size=count, replace=False)]
+    return base + sorted(new, key=lambda p: class_name(*p))
 
 
 # -------------------------------------------------------------------------------------------- datasets
