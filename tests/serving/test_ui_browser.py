@@ -252,3 +252,60 @@ def test_ui_in_headless_chromium(ui_server, browser, tmp_path):
     wait.until(lambda d: result_version() == str(final["version"]))
     assert XSS_NAME not in predictions()
     assert driver.title == "promptclip: try the model"
+
+
+#: Adds the fields of issue 17's open-set and example-image contracts to the real server's answers (as the service
+#: will send them once those parts land), so the page's handling of them is tested now: every prediction gets a
+#: ``confidence``, the answer ``none_of_these: true`` and its ``open_set`` rule; ``/classes`` gets provenance.
+CONTRACT_SHIM = """
+(function () {
+  var realFetch = window.fetch.bind(window);
+  window.fetch = function (url, options) {
+    return realFetch(url, options).then(function (resp) {
+      var path = new URL(String(url), location.href).pathname;
+      if (!resp.ok || (path !== "/classify" && path !== "/classes")) return resp;
+      return resp.json().then(function (body) {
+        if (path === "/classify") {
+          body.predictions.forEach(function (p, i) { p.confidence = 0.3 / (i + 1); });
+          body.none_of_these = true;
+          body.open_set = {rule: "max_cosine", keep_rate: 0.95, threshold: 0.2512, basis: "export"};
+        } else {
+          body.classes = body.names.map(function (n, i) {
+            return i === 0 ? {name: n, source: "images", num_images: 4}
+                 : i === 1 ? {name: n, source: "text+images", num_images: 1} : {name: n, source: "text", num_images: 0};
+          });
+        }
+        return new Response(JSON.stringify(body), {status: 200, headers: {"Content-Type": "application/json"}});
+      });
+    });
+  };
+})();
+"""
+
+
+def test_ui_shows_none_of_these_confidence_and_provenance(ui_server, browser, tmp_path):
+    """The page against the contract fields other parts of issue 17 add (injected into the real server's answers):
+    the "None of these" state, each class's confidence, the open-set rule, and each class's provenance."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    wait = WebDriverWait(driver, 30, poll_frequency=0.1)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CONTRACT_SHIM})
+    driver.get(f"{ui_server.url}/ui")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#class-list .badge"))
+    badges = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#class-list .badge")]
+    assert badges[:3] == ["from images (4 images)", "name + images (1 image)", "from its name"], badges
+
+    image_path = tmp_path / "picture.png"
+    image_path.write_bytes(_picture_png())
+    driver.find_element(By.ID, "file-input").send_keys(str(image_path))
+    wait.until(lambda d: d.execute_script("return document.getElementById('result').dataset.state") == "done")
+    banner = driver.find_element(By.ID, "none-banner")
+    assert banner.is_displayed() and banner.text.startswith("None of these")
+    assert "max_cosine below its threshold" in banner.text
+    confidences = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#predictions .pred-conf")]
+    assert confidences[:2] == ["confidence 30.0%", "confidence 15.0%"], confidences
+    meta = driver.find_element(By.ID, "result-meta").text
+    assert "open-set rule max_cosine" in meta and "keeps 95.0% of known images" in meta and "threshold 0.251" in meta
+    _save_screenshot(driver, tmp_path, "ui_none_of_these.png")
