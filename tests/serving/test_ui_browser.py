@@ -8,6 +8,7 @@ there too.
 """
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -263,6 +264,7 @@ CONTRACT_SHIM = """
   window.fetch = function (url, options) {
     return realFetch(url, options).then(function (resp) {
       var path = new URL(String(url), location.href).pathname;
+      if (path === "/classify") window.__classifyCalls = (window.__classifyCalls || 0) + 1;
       if (!resp.ok || (path !== "/classify" && path !== "/classes")) return resp;
       return resp.json().then(function (body) {
         if (path === "/classify") {
@@ -309,3 +311,18 @@ def test_ui_shows_none_of_these_confidence_and_provenance(ui_server, browser, tm
     meta = driver.find_element(By.ID, "result-meta").text
     assert "open-set rule max_cosine" in meta and "keeps 95.0% of known images" in meta and "threshold 0.251" in meta
     _save_screenshot(driver, tmp_path, "ui_none_of_these.png")
+
+    # a dropped and a pasted image are classified as a picked one is
+    b64 = base64.b64encode(_picture_png(96)).decode()
+    for event in ("new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})",
+                  "new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true})"):
+        calls = driver.execute_script("return window.__classifyCalls")
+        driver.execute_script(f"""
+            var bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            var dt = new DataTransfer();
+            dt.items.add(new File([bytes], "dropped.png", {{type: "image/png"}}));
+            document.getElementById("drop").dispatchEvent({event});""", b64)
+        wait.until(lambda d, calls=calls: d.execute_script(
+            "return window.__classifyCalls > arguments[0] && "
+            "document.getElementById('result').dataset.state === 'done'", calls), message=event)
+        assert driver.find_elements(By.CSS_SELECTOR, "#predictions li"), event
