@@ -130,9 +130,15 @@ def _browser_or_skip():
     return webdriver, Service
 
 
+@pytest.fixture(scope="module")
+def chromium() -> tuple:
+    """selenium's ``webdriver`` and ``Service``, or skip (module scope: before the server is started for nothing)."""
+    return _browser_or_skip()
+
+
 @pytest.fixture
-def browser(tmp_path) -> Iterator[object]:
-    webdriver, Service = _browser_or_skip()
+def browser(chromium, tmp_path) -> Iterator[object]:
+    webdriver, Service = chromium
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
@@ -158,7 +164,7 @@ def _save_screenshot(driver, tmp_path: Path, name: str) -> Path:
     return path
 
 
-def test_ui_in_headless_chromium(ui_server, browser, tmp_path):
+def test_ui_in_headless_chromium(chromium, ui_server, browser, tmp_path):
     """Upload -> the server's top-k shown in order; add a class (the token is asked for, kept, the write retried),
     it is listed and ranked by the next classification; a refused name shows the server's message; remove it."""
     from selenium.webdriver.common.by import By
@@ -285,7 +291,7 @@ CONTRACT_SHIM = """
 """
 
 
-def test_ui_shows_none_of_these_confidence_and_provenance(ui_server, browser, tmp_path):
+def test_ui_shows_none_of_these_confidence_and_provenance(chromium, ui_server, browser, tmp_path):
     """The page against the contract fields other parts of issue 17 add (injected into the real server's answers):
     the "None of these" state, each class's confidence, the open-set rule, and each class's provenance."""
     from selenium.webdriver.common.by import By
