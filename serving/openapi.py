@@ -155,6 +155,7 @@ def openapi_document(title: str = "promptclip", version: str = "1") -> dict[str,
             "summary": "Liveness", "operationId": "livez",
             "responses": {"200": {"description": "Alive", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     }
-    return {"openapi": "3.0.3", "info": {"title": title, "version": version,
-                                          "description": "Open-vocabulary image classification (promptclip)."},
+    description = ("Open-vocabulary image classification (promptclip). Try the model in a browser: [/ui](/ui), "
+                   "a page served by this service.")
+    return {"openapi": "3.0.3", "info": {"title": title, "version": version, "description": description},
             "paths": paths, "components": _components()}

@@ -10,6 +10,7 @@ Endpoints (BentoML API routes are all ``POST``):
 * ``/classify_batch``: multipart ``images`` (repeated), optional ``top_k`` and ``classes``.
 * ``/classes``: the active class list. ``/add_classes``, ``/remove_classes``: JSON ``{"names": [...]}``, with
   ``Authorization: Bearer <token>`` (refused without a configured token unless writes were opened on purpose).
+* ``GET /ui``: a self-contained page to try the model in a browser (:data:`UI_PAGE`, no external resources).
 * ``/healthz``: method, number of classes, runtime and providers; the same JSON at ``GET /info``. (``GET /healthz``
   and ``/livez`` are BentoML's built-in probes; ``GET /readyz`` fails (503) while the class state is unreadable.)
 
@@ -18,18 +19,23 @@ Requests are parsed by our own input specs (:mod:`serving.request_parsing`, whic
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
+from functools import lru_cache
+from importlib import resources
 from typing import Any
 
 import bentoml
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from .classes import ClassStateError
@@ -273,9 +279,50 @@ async def _openapi(request: Request) -> JSONResponse:
     return JSONResponse(openapi_document())
 
 
+#: The browser page (package data of ``serving``): classify, see and change the class list. Inline CSS and JS only.
+UI_PAGE = ("static", "index.html")
+
+
+@lru_cache(maxsize=1)
+def ui_page() -> tuple[str, str]:
+    """The page's HTML and its Content-Security-Policy: only its own inline ``<style>`` and ``<script>`` (by hash)
+    run, requests go to this origin only, images may be local ``blob:``/``data:`` URLs (the preview).
+
+    Raises:
+        ServiceConfigError: the page is missing from the installed package (a broken install).
+    """
+    try:
+        html = resources.files(__package__).joinpath(*UI_PAGE).read_text(encoding="utf-8")
+    except (FileNotFoundError, OSError) as exc:
+        raise ServiceConfigError(f"the browser page {'/'.join(UI_PAGE)} is missing from the installed serving "
+                                 f"package ({exc}): reinstall promptclip") from exc
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(b.encode("utf-8")).digest()).decode() + "'"
+                        for b in bodies)
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+           "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'")
+    return html, csp
+
+
+async def _ui(request: Request) -> HTMLResponse:
+    """``GET /ui``: the page to try the model (:func:`ui_page`)."""
+    try:
+        html, csp = ui_page()
+    except PromptclipError as exc:
+        logger.error("GET /ui -> %d %s: %s", http_status(exc), type(exc).__name__, exc)
+        return public_error_response(exc)
+    return HTMLResponse(html, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+                                       "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"})
+
+
 #: Mounted passively at "/": only these paths are taken, every other path stays BentoML's (this mount comes before
 #: BentoML's own ``/docs.json`` route, so the true document replaces BentoML's).
 EXTRA_ROUTES = Starlette(routes=[Route("/info", _info, methods=["GET"]),
+                                 Route("/ui", _ui, methods=["GET"]),
                                  Route("/docs.json", _openapi, methods=["GET"]),
                                  Route("/openapi.json", _openapi, methods=["GET"])])
 
