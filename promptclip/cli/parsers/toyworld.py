@@ -38,9 +38,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--protocols", help="comma-separated subset of base2novel,cross_style,dg,loso (default: "
                                        "base2novel,cross_style,dg; loso = leave-one-style-out multi-source DG, "
                                        "~12 min)")
-    t.add_argument("--splits", help="comma-separated base/new splits of base2novel: name (new classes share shapes "
-                                    "with base ones), disjoint (they share none), colour (base classes are one colour, new ones differ in "
-                                    "colour); default: all three")
+    t.add_argument("--splits", help="comma-separated base/new splits of base2novel: name (new classes share "
+                                    "shapes with base ones), disjoint (they share none), colour (base classes are "
+                                    "one colour, new ones differ in colour); default: all three")
     t.add_argument("--loso-methods", help="methods of the leave-one-style-out protocol (default: zeroshot, "
                                           "ERM fine-tuning 'guidg[use_experts=false,loss=erm]', guidg)")
     t.add_argument("--loso-targets", help="comma-separated target styles of loso (default: every style)")
