@@ -1,6 +1,6 @@
 """The ``promptclip`` command line.
 
-Subcommands: ``train``, ``eval``, ``export``, ``serve``, ``classify``, ``demo``, ``reproduce``, ``toyworld``,
+Subcommands: ``train``, ``eval``, ``export``, ``serve``, ``classify``, ``classes``, ``demo``, ``reproduce``, ``toyworld``,
 ``bench``, and the listings ``methods`` and ``backbones``. A user mistake (any :class:`PromptclipError`) prints one
 ``error:`` line and exits with status 2, no traceback.
 
