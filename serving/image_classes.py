@@ -45,7 +45,7 @@ from .format import FormatModel, FormatSection, FormatSpec, is_int
 
 __all__ = ["IMAGES_FILE", "ImageClass", "ImageClassStore", "ImageClassFile", "ImageClassEntry", "image_encoder_key",
            "image_class_row", "modality_shift_vectors", "DEFAULT_TEXT_WEIGHT", "DEFAULT_MODALITY_SHIFT",
-           "DEFAULT_MAX_CLASS_IMAGES", "describe_stale", "SOURCE_TEXT", "SOURCE_IMAGES", "SOURCE_BOTH"]
+           "DEFAULT_MAX_CLASS_IMAGES", "describe_stale", "check_image_classes", "SOURCE_TEXT", "SOURCE_IMAGES", "SOURCE_BOTH"]
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +293,19 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_image_classes(bundle: Bundle, state_dir: str | os.PathLike, registered: list[str]) -> list[str]:
+    """Pre-flight check of ``state_dir/class_images.npz`` for ``bundle``: the registered image-built classes whose
+    examples were embedded under another image key (they answer 503 until removed).
+
+    Raises:
+        ClassStateError: the file is unreadable or invalid.
+    """
+    stored = ImageClassStore(state_dir, dim=bundle.embedding_dim).load()
+    key = image_encoder_key(bundle)
+    listed = set(registered)
+    return [n for n, c in stored.items() if n in listed and c.key != key]
 
 
 def describe_stale(names: list[str]) -> str:

@@ -133,13 +133,16 @@ def _rows(clf):
 def test_rows_survive_a_restart_bit_for_bit_and_removal_drops_the_examples(synthetic_bundle, image_bytes, tmp_path):
     state = tmp_path / "state"
     first = Classifier.from_bundle(synthetic_bundle.path, state_dir=state)
+    worker = Classifier.from_bundle(synthetic_bundle.path, state_dir=state)  # another worker, started before the adds
     first.add_image_class("gizmo", [image_bytes(s) for s in (20, 21, 22)])
     first.add_image_class("widget", [image_bytes(23)], text_weight=0.3)
     before = _rows(first)
-    second = Classifier.from_bundle(synthetic_bundle.path, state_dir=state)  # a restart (or another worker)
+    second = Classifier.from_bundle(synthetic_bundle.path, state_dir=state)  # a restart
     after = _rows(second)
+    seen = _rows(worker)
     for name in ("gizmo", "widget"):
         assert np.array_equal(before[name], after[name]), name
+        assert np.array_equal(before[name], seen[name]), name
     assert second.list_classes()["classes"][-2:] == [{"name": "gizmo", "source": "images", "num_images": 3},
                                                       {"name": "widget", "source": "text+images", "num_images": 1}]
     # the first classifier sees the second's removal (shared state dir) and the examples are gone from the file
@@ -163,13 +166,35 @@ def test_examples_from_another_image_encoder_are_refused_not_deleted(synthetic_b
         manifest["preprocessing"]["mean"] = [0.5, 0.5, 0.5]
 
     edit_manifest(bundle_copy, other_preprocessing)
-    clf = Classifier.from_bundle(bundle_copy, state_dir=state, warmup=False)
+    from serving.bundle import load_bundle
+    from serving.image_classes import check_image_classes
+
+    assert check_image_classes(load_bundle(bundle_copy), state, ["cat", "gizmo"]) == ["gizmo"]  # serve's pre-flight
+    assert check_image_classes(load_bundle(synthetic_bundle.path), state, ["cat", "gizmo"]) == []
+    clf = Classifier.from_bundle(bundle_copy, state_dir=state)
     with pytest.raises(ClassStateError, match="'gizmo'.*another image encoder.*add them again from their images"):
         clf.classify_bytes([image_bytes(5)])
     assert (state / IMAGES_FILE).read_bytes() == stored  # nothing deleted
     assert clf.list_classes()["classes"][-1]["source"] == "images"
     clf.remove_classes(["gizmo"])  # the way out named by the message
     assert clf.classify_bytes([image_bytes(5)], top_k=1)[0][0]["name"] in synthetic_bundle.class_names
+
+
+def test_a_service_with_stale_image_classes_answers_503_and_can_remove_them(synthetic_bundle, bundle_copy,
+                                                                         edit_manifest, image_bytes, tmp_path,
+                                                                         caplog):
+    state = tmp_path / "state"
+    Classifier.from_bundle(synthetic_bundle.path, state_dir=state).add_image_class("gizmo", [image_bytes(5)])
+    edit_manifest(bundle_copy, lambda m: m["preprocessing"].update(interpolation="bilinear"))
+    env = {"PROMPTCLIP_BUNDLE": str(bundle_copy), "PROMPTCLIP_STATE_DIR": str(state),
+           "PROMPTCLIP_API_TOKEN": "s3cret-token"}
+    with running(env) as client:
+        assert client.get("/readyz").status_code == 200
+        assert_error(client.post("/classify", files={"image": _png(image_bytes, 5)}), 503, "ClassStateError")
+        assert "'gizmo' were built from example images embedded by another image encoder" in caplog.text  # 5xx
+        # bodies carry no server detail: the operator reads the class and the fix in the log
+        assert client.post("/remove_classes", headers=AUTH, json={"names": ["gizmo"]}).status_code == 200
+        assert client.post("/classify", files={"image": _png(image_bytes, 5)}).status_code == 200
 
 
 def test_a_corrupt_examples_file_is_refused_and_kept(synthetic_bundle, image_bytes, tmp_path):
@@ -220,3 +245,25 @@ def test_cli_adds_lists_and_removes(synthetic_bundle, image_bytes, tmp_path, cap
     # a server over the same state dir sees the CLI's change
     clf = Classifier.from_bundle(synthetic_bundle.path, state_dir=state)
     assert clf.list_classes()["names"] == synthetic_bundle.class_names
+
+
+def test_a_bundle_with_calibration_images_shifts_the_prototype(synthetic_bundle, image_bytes, tmp_path):
+    """The calibration images of the bundle (``bundle.calibration.image_embeds [S, N, D]``) give ``mean_image``;
+    ``mean_text`` is the mean of the bundle's class rows; ``modality_shift=False`` turns it off per class."""
+    from serving.bundle import load_bundle, load_class_embeddings
+    from serving.classifier import open_class_registry
+    from serving.runtime import create_runtime
+
+    bundle = load_bundle(synthetic_bundle.path)
+    calib = np.random.default_rng(0).normal(size=(1, 5, bundle.embedding_dim)).astype(np.float32)
+    object.__setattr__(bundle, "calibration", SimpleNamespace(image_embeds=calib))  # what the export writes
+    registry = open_class_registry(bundle, tmp_path / "state")
+    clf = Classifier(bundle, create_runtime(bundle, "ort"), registry, registry.tokenizer)
+    clf.add_image_class("gizmo", [image_bytes(7), image_bytes(8)])
+    clf.add_image_class("plain", [image_bytes(7), image_bytes(8)], modality_shift=False)
+    rows = _rows(clf)
+    examples = clf.embed_images(clf._decode_all([image_bytes(7), image_bytes(8)]))
+    shift = np.stack(load_class_embeddings(bundle)).astype(np.float64).mean(axis=1) - calib.mean(axis=1)
+    np.testing.assert_allclose(rows["gizmo"], image_class_row(examples, num_sets=1, shift=shift), atol=1e-6)
+    np.testing.assert_array_equal(rows["plain"], image_class_row(examples, num_sets=1))
+    assert not np.allclose(rows["gizmo"], rows["plain"])
