@@ -18,7 +18,8 @@ class text embeddings. Reported: top-1 accuracy on 20 held-out test images per a
 list of 18) and on the test images of all 18 classes, mean +- std over seeds.
 
 Run: ``python benchmarks/bench_image_classes.py --out bench_image_classes`` (``make bench-image-classes``); writes
-``results.json``, ``results.md`` and ``accuracy_vs_images_<style>.png``. About 35 s on 2 CPU cores (33 s measured, export included).
+``results.json``, ``results.md`` and ``accuracy_vs_images_<style>.png``. About 35 s on 2 CPU cores (33 s measured,
+export included).
 """
 from __future__ import annotations
 

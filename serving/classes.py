@@ -52,7 +52,8 @@ LOCK_FILE = "classes.lock"
 #: lost its state, which is refused unless the caller says to start empty (``start_empty=True``).
 MARKER_FILE = "classes.created"
 #: Prefixes of the temp files the state directory's writers create (``.<prefix>*.tmp``): the class list's and the
-#: runtime class embeddings' (:mod:`serving.embedding_store`) and the image-built classes' (:mod:`serving.image_classes`).
+#: runtime class embeddings' (:mod:`serving.embedding_store`) and the image-built classes'
+#: (:mod:`serving.image_classes`).
 TEMP_PREFIXES = (".classes.", ".class_embeddings.", ".class_images.")
 #: Longest class name accepted, in characters (after whitespace normalisation).
 MAX_NAME_CHARS = 200

@@ -233,7 +233,8 @@ class Classifier:
         rt = create_runtime(bundle, runtime, **kwargs)
         clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes, max_add_names=max_add_names,
                   max_image_bytes=max_image_bytes, max_request_pixels=max_request_pixels,
-                  max_class_images=max_class_images, micro_batching=micro_batching, on_image_batch=on_image_batch, on_text_encode=on_text_encode)
+                  max_class_images=max_class_images, micro_batching=micro_batching, on_image_batch=on_image_batch,
+                  on_text_encode=on_text_encode)
         if warmup and not clf._stale_image_classes():  # stale ones: logged; requests using them answer 503
             clf._active_classes()
         return clf

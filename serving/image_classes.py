@@ -45,7 +45,8 @@ from .format import FormatModel, FormatSection, FormatSpec, is_int
 
 __all__ = ["IMAGES_FILE", "ImageClass", "ImageClassStore", "ImageClassFile", "ImageClassEntry", "image_encoder_key",
            "image_class_row", "modality_shift_vectors", "DEFAULT_TEXT_WEIGHT", "DEFAULT_MODALITY_SHIFT",
-           "DEFAULT_MAX_CLASS_IMAGES", "describe_stale", "check_image_classes", "SOURCE_TEXT", "SOURCE_IMAGES", "SOURCE_BOTH"]
+           "DEFAULT_MAX_CLASS_IMAGES", "describe_stale", "check_image_classes", "SOURCE_TEXT", "SOURCE_IMAGES",
+           "SOURCE_BOTH"]
 
 logger = logging.getLogger(__name__)
 

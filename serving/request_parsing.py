@@ -229,7 +229,8 @@ class ClassNamesInput(InputSpec):
 
 
 class _ImageClassForm(InputSpec):
-    """The multipart form of ``/add_classes``: ``name``, 1..N ``images``, optional ``text_weight``/``modality_shift``."""
+    """The multipart form of ``/add_classes``: ``name``, 1..N ``images``, optional ``text_weight``, ``modality_shift``.
+    """
 
     params_model = ImageClassParams
     file_field = "images"

@@ -122,8 +122,8 @@ class PromptclipService:
             s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
             start_empty=s.start_empty, expected_digest=s.bundle_digest, max_add_names=s.max_add_names,
             max_adhoc_classes=s.max_adhoc_classes, max_request_pixels=s.max_request_pixels,
-            max_classes=s.max_classes, max_class_images=s.max_class_images, micro_batching=s.micro_batching, on_image_batch=self.metrics.on_image_batch,
-            on_text_encode=self.metrics.on_text_encode)
+            max_classes=s.max_classes, max_class_images=s.max_class_images, micro_batching=s.micro_batching,
+            on_image_batch=self.metrics.on_image_batch, on_text_encode=self.metrics.on_text_encode)
 
     @property
     def classifier(self) -> Classifier:

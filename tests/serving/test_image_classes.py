@@ -267,3 +267,37 @@ def test_a_bundle_with_calibration_images_shifts_the_prototype(synthetic_bundle,
     np.testing.assert_allclose(rows["gizmo"], image_class_row(examples, num_sets=1, shift=shift), atol=1e-6)
     np.testing.assert_array_equal(rows["plain"], image_class_row(examples, num_sets=1))
     assert not np.allclose(rows["gizmo"], rows["plain"])
+
+
+def test_workers_adding_concurrently_lose_no_examples(synthetic_bundle, image_bytes, tmp_path):
+    """Two workers over one state dir (each its own registry and file-lock fd) add image classes and names at the
+    same time: every class is kept with its examples, and a third worker builds the same rows."""
+    import threading
+
+    state = tmp_path / "state"
+    workers = [Classifier.from_bundle(synthetic_bundle.path, state_dir=state) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def add(w: int) -> None:
+        try:
+            for i in range(3):
+                workers[w].add_image_class(f"img {w} {i}", [image_bytes(100 + 10 * w + i)])
+                workers[w].add_classes([f"word {w} {i}"])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    third = Classifier.from_bundle(synthetic_bundle.path, state_dir=state)
+    sources = {c["name"]: c["source"] for c in third.list_classes()["classes"]}
+    assert sorted(n for n, s in sources.items() if s == "images") == [f"img {w} {i}" for w in range(2) for i in range(3)]
+    assert sum(s == "text" for s in sources.values()) == 6 + 6
+    rows = _rows(third)
+    for w in range(2):
+        mine = _rows(workers[w])
+        for i in range(3):
+            assert np.array_equal(mine[f"img {w} {i}"], rows[f"img {w} {i}"])
