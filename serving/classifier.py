@@ -430,13 +430,14 @@ class Classifier:
             ClassStateError: an image-built class among ``names`` was embedded with another image encoder.
         """
         with self._lock:
-            image_names = [n for n in names if n in self._image_classes]
-        if not image_names:
+            image_classes = self._image_classes  # replaced, never mutated: a consistent snapshot
+        built = [image_classes[n] for n in names if n in image_classes]
+        if not built:
             return self._text_embeddings_for(names)
-        stale = [n for n in image_names if self._image_classes[n].key != self._image_key]
+        stale = [c.name for c in built if c.key != self._image_key]
         if stale:
             raise ClassStateError(describe_stale(stale))
-        rows = {n: self._image_row(n) for n in image_names}
+        rows = {c.name: self._image_row(c) for c in built}
         text_idx = [i for i, n in enumerate(names) if n not in rows]
         out = np.empty((self._num_sets, len(names), self.bundle.embedding_dim), dtype=np.float32)
         if text_idx:
@@ -513,8 +514,6 @@ class Classifier:
             chunks.append(self.runtime.run_text(ids, prompt_set))
         return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
 
-    # -- class list management -----------------------------------------------------------------
-
     # -- classes from example images ----------------------------------------------------------
 
     def _stale_image_classes(self) -> list[str]:
@@ -533,16 +532,15 @@ class Classifier:
             if stale:
                 logger.error("%s", describe_stale(stale))
 
-    def _image_row(self, name: str) -> np.ndarray:
-        """The ``[S, D]`` row of the image-built class ``name`` (derived from its stored examples, cached)."""
+    def _image_row(self, cls: ImageClass) -> np.ndarray:
+        """The ``[S, D]`` row of the image-built class ``cls`` (derived from its stored examples, cached)."""
         with self._lock:
-            row = self._image_rows.get(name)
-            cls = self._image_classes[name]
+            row = self._image_rows.get(cls.name) if self._image_classes.get(cls.name) is cls else None
         if row is None:
             row = self._compute_image_row(cls)
             with self._lock:
-                if self._image_classes.get(name) is cls:
-                    self._image_rows[name] = row
+                if self._image_classes.get(cls.name) is cls:
+                    self._image_rows[cls.name] = row
         return row
 
     def _compute_image_row(self, cls: ImageClass) -> np.ndarray:
@@ -638,6 +636,8 @@ class Classifier:
             self._image_rows = {n: r for n, r in self._image_rows.items() if n in current}
         if self._store is not None:
             self._persist(names)
+
+    # -- class list management -----------------------------------------------------------------
 
     def _drop_orphan_examples(self, new: list[str]) -> None:
         """Before names are registered as text classes (file lock held): forget examples stored under those names
