@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptclip-installed
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test lint venv bench bench-methods bench-disa-parts bench-coop-long clean
+.PHONY: demo test lint venv bench bench-image-classes bench-methods bench-disa-parts bench-coop-long clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py --out bench_out
+
+# Classes from 1/2/4/8 example images vs from their names (ordinary and out-of-vocabulary), toy-clip, 5 seeds, 2 styles (~35 s)
+bench-image-classes: $(STAMP)
+	$(PY) benchmarks/bench_image_classes.py --out bench_image_classes
 
 # Base-to-novel on both toy-world splits (name, disjoint), 5 seeds, with the paired tables vs ivlp and zeroshot
 # and the pre-issue-13 forms of DiSa / ISP as ablations (bench_methods/); the DiSa per-part ablations
@@ -54,4 +58,4 @@ bench-coop-long: $(STAMP)
 		--steps $(COOP_LONG_STEPS) --methods zeroshot,coop --out bench_coop_long
 
 clean:
-	rm -rf demo_out bench_out bench_methods bench_disa_parts bench_coop_long .pytest_cache
+	rm -rf demo_out bench_out bench_image_classes bench_methods bench_disa_parts bench_coop_long .pytest_cache

@@ -52,8 +52,9 @@ LOCK_FILE = "classes.lock"
 #: lost its state, which is refused unless the caller says to start empty (``start_empty=True``).
 MARKER_FILE = "classes.created"
 #: Prefixes of the temp files the state directory's writers create (``.<prefix>*.tmp``): the class list's and the
-#: runtime class embeddings' (:mod:`serving.embedding_store`).
-TEMP_PREFIXES = (".classes.", ".class_embeddings.")
+#: runtime class embeddings' (:mod:`serving.embedding_store`) and the image-built classes'
+#: (:mod:`serving.image_classes`).
+TEMP_PREFIXES = (".classes.", ".class_embeddings.", ".class_images.")
 #: Longest class name accepted, in characters (after whitespace normalisation).
 MAX_NAME_CHARS = 200
 _RESERVED_TOKENS = ("<start_of_text>", "<end_of_text>")
@@ -270,10 +271,14 @@ class ClassRegistry:
         return self.add_versioned(names)[0]
 
     def add_versioned(self, names: Sequence[str], *,
-                      after_commit: Callable[[list[str]], None] | None = None) -> tuple[list[str], int, int]:
+                      after_commit: Callable[[list[str]], None] | None = None,
+                      before_commit: Callable[[list[str]], None] | None = None) -> tuple[list[str], int, int]:
         """:meth:`add`, returning ``(added, version, num_classes)`` of this very change (concurrent changes each
         get their own, strictly increasing version). ``after_commit(names)`` runs with the new list while the file
-        lock is still held (the service persists the new classes' embeddings there)."""
+        lock is still held (the service persists the new classes' embeddings there). ``before_commit(new)`` runs
+        with the validated new names under the file lock before the list is written (an image-built class's
+        examples are stored there, so that a worker seeing the name always finds them); if it raises, nothing is
+        committed."""
         new = self._normalize_all(names, field="names")
         with self._lock, self._file_lock():
             self._reload_locked(force=True)
@@ -291,6 +296,8 @@ class ClassRegistry:
                 raise RequestError(
                     f"adding {len(new)} class(es) would make {total}; the limit is {self.max_classes} -- remove "
                     "classes first or raise the limit", field="names")
+            if before_commit is not None:
+                before_commit(list(new))
             self._commit_locked(self._names + new)
             logger.info("added %d class(es) -> %d classes, version %d", len(new), len(self._names), self._version)
             result = (new, self._version, len(self._names))

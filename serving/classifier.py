@@ -30,10 +30,29 @@ from PIL import Image
 
 from .batching import MicroBatcher
 from .bundle import Bundle, load_bundle, load_class_embeddings
-from .classes import ClassRegistry
+from .classes import ClassRegistry, ClassStateError
 from .embedding_store import EmbeddingStore, text_encoder_key
-from .errors import BundleError, ImageDecodeError, PayloadTooLargeError, PromptclipError, RequestError
+from .errors import (
+    BundleError,
+    ClassNameError,
+    ImageDecodeError,
+    PayloadTooLargeError,
+    PromptclipError,
+    RequestError,
+)
 from .format import class_name_key
+from .image_classes import (
+    DEFAULT_MAX_CLASS_IMAGES,
+    DEFAULT_MODALITY_SHIFT,
+    DEFAULT_TEXT_WEIGHT,
+    SOURCE_TEXT,
+    ImageClass,
+    ImageClassStore,
+    describe_stale,
+    image_class_row,
+    image_encoder_key,
+    modality_shift_vectors,
+)
 from .manifest import DIGEST_PREFIX, bundle_digest
 from .preprocess import decode_image, decoded_size, preprocess
 from .runtime import Runtime, create_runtime
@@ -117,6 +136,7 @@ class Classifier:
         max_image_bytes: int | None = None,
         max_image_pixels: int | None = None,
         max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+        max_class_images: int = DEFAULT_MAX_CLASS_IMAGES,
         cache_size: int = 20000,
         micro_batching: bool = False,
         on_image_batch: Callable[[int], None] | None = None,
@@ -131,6 +151,7 @@ class Classifier:
         self.max_image_pixels = max_image_pixels
         self.max_add_names = int(max_add_names)
         self.max_request_pixels = int(max_request_pixels)
+        self.max_class_images = int(max_class_images)
         height, width = bundle.preprocessing.image_size
         self._draft_to = (DRAFT_MARGIN * int(width), DRAFT_MARGIN * int(height))
         self._num_sets = bundle.num_prompt_sets
@@ -156,6 +177,16 @@ class Classifier:
             self._store = EmbeddingStore(registry.state_dir, text_encoder_key(bundle), num_sets=self._num_sets,
                                          dim=bundle.embedding_dim)
             self._stored = self._store.load()
+        # Classes built from example images: their examples are the truth (class_images.npz), rows derived from them
+        self._image_key = image_encoder_key(bundle)
+        self._shift = modality_shift_vectors(bundle, self._bundle_embeddings)  # [S, D] or None
+        self._warned_no_shift = False
+        self._images = ImageClassStore(registry.state_dir, dim=bundle.embedding_dim)
+        self._image_classes: dict[str, ImageClass] = self._images.load()
+        self._image_rows: dict[str, np.ndarray] = {}  # name -> [S, D], derived from _image_classes
+        stale = self._stale_image_classes()
+        if stale:
+            logger.error("%s", describe_stale(stale))
 
     @classmethod
     def from_bundle(
@@ -172,6 +203,7 @@ class Classifier:
         max_add_names: int = DEFAULT_MAX_ADD_NAMES,
         max_image_bytes: int | None = None,
         max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+        max_class_images: int = DEFAULT_MAX_CLASS_IMAGES,
         warmup: bool = True,
         micro_batching: bool = False,
         on_image_batch: Callable[[int], None] | None = None,
@@ -201,8 +233,9 @@ class Classifier:
         rt = create_runtime(bundle, runtime, **kwargs)
         clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes, max_add_names=max_add_names,
                   max_image_bytes=max_image_bytes, max_request_pixels=max_request_pixels,
-                  micro_batching=micro_batching, on_image_batch=on_image_batch, on_text_encode=on_text_encode)
-        if warmup:
+                  max_class_images=max_class_images, micro_batching=micro_batching, on_image_batch=on_image_batch,
+                  on_text_encode=on_text_encode)
+        if warmup and not clf._stale_image_classes():  # stale ones: logged; requests using them answer 503
             clf._active_classes()
         return clf
 
@@ -269,6 +302,10 @@ class Classifier:
 
     def classify_bytes_versioned(self, blobs: Sequence[bytes], **kw: Any) -> tuple[list[list[dict]], int | None]:
         """:meth:`classify_bytes` and the class list's version (see :meth:`classify_versioned`)."""
+        return self.classify_versioned(self._decode_all(blobs), **kw)
+
+    def _decode_all(self, blobs: Sequence[bytes]) -> list[Image.Image]:
+        """Decode ``blobs`` as ``/classify`` does: the pixel budget first, then each image's limits (413/400)."""
         blobs = list(blobs)
         limits: dict[str, Any] = {"draft_to": self._draft_to}
         if self.max_image_bytes is not None:
@@ -284,7 +321,7 @@ class Classifier:
                 if len(blobs) == 1:
                     raise
                 raise ImageDecodeError(f"image {i + 1} of {len(blobs)}: {exc}", field=exc.field) from exc
-        return self.classify_versioned(images, **kw)
+        return images
 
     def _check_pixel_budget(self, blobs: Sequence[bytes]) -> None:
         """Refuse (413) a request whose images would decode to more than ``max_request_pixels`` together, from their
@@ -362,8 +399,9 @@ class Classifier:
             stored = self._store.load()
             with self._lock:
                 self._stored = stored
+        self._reload_image_classes()
         matrix = self._embeddings_for(names)
-        if self._store is not None and any(self._is_runtime(n) and n not in self._stored for n in names):
+        if self._store is not None and any(self._is_text_runtime(n) and n not in self._stored for n in names):
             with self.registry.file_lock():  # encoded here: store them for the next start and the other workers
                 self.registry.refresh()
                 self._persist(self.registry.names())
@@ -386,7 +424,31 @@ class Classifier:
         return names, self._embeddings_for(names)
 
     def _embeddings_for(self, names: list[str]) -> np.ndarray:
-        """``[S, C, D]`` float32 embeddings of ``names``: bundle rows, cached encodings, or fresh encodings."""
+        """``[S, C, D]`` float32 rows of ``names``: image-built classes' rows, else their text embeddings.
+
+        Raises:
+            ClassStateError: an image-built class among ``names`` was embedded with another image encoder.
+        """
+        with self._lock:
+            image_classes = self._image_classes  # replaced, never mutated: a consistent snapshot
+        built = [image_classes[n] for n in names if n in image_classes]
+        if not built:
+            return self._text_embeddings_for(names)
+        stale = [c.name for c in built if c.key != self._image_key]
+        if stale:
+            raise ClassStateError(describe_stale(stale))
+        rows = {c.name: self._image_row(c) for c in built}
+        text_idx = [i for i, n in enumerate(names) if n not in rows]
+        out = np.empty((self._num_sets, len(names), self.bundle.embedding_dim), dtype=np.float32)
+        if text_idx:
+            out[:, text_idx] = self._text_embeddings_for([names[i] for i in text_idx])
+        for i, n in enumerate(names):
+            if n in rows:
+                out[:, i] = rows[n]
+        return out
+
+    def _text_embeddings_for(self, names: list[str]) -> np.ndarray:
+        """``[S, C, D]`` float32 text embeddings of ``names``: bundle rows, cached encodings, or fresh encodings."""
         out = np.empty((self._num_sets, len(names), self.bundle.embedding_dim), dtype=np.float32)
         missing: list[int] = []
         with self._lock:
@@ -452,7 +514,147 @@ class Classifier:
             chunks.append(self.runtime.run_text(ids, prompt_set))
         return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
 
+    # -- classes from example images ----------------------------------------------------------
+
+    def _stale_image_classes(self) -> list[str]:
+        """Image-built classes whose examples were embedded under another image key (see :mod:`.image_classes`)."""
+        with self._lock:
+            return [n for n, c in self._image_classes.items() if c.key != self._image_key]
+
+    def _reload_image_classes(self) -> None:
+        """Adopt ``class_images.npz`` when another worker (or the CLI) changed it."""
+        if self._images.changed():
+            current = self._images.load()
+            with self._lock:
+                self._image_classes = current
+                self._image_rows = {}
+            stale = self._stale_image_classes()
+            if stale:
+                logger.error("%s", describe_stale(stale))
+
+    def _image_row(self, cls: ImageClass) -> np.ndarray:
+        """The ``[S, D]`` row of the image-built class ``cls`` (derived from its stored examples, cached)."""
+        with self._lock:
+            row = self._image_rows.get(cls.name) if self._image_classes.get(cls.name) is cls else None
+        if row is None:
+            row = self._compute_image_row(cls)
+            with self._lock:
+                if self._image_classes.get(cls.name) is cls:
+                    self._image_rows[cls.name] = row
+        return row
+
+    def _compute_image_row(self, cls: ImageClass) -> np.ndarray:
+        """:func:`~serving.image_classes.image_class_row` of ``cls`` with this bundle's shift and text encoder."""
+        shift = None
+        if cls.modality_shift:
+            shift = self._shift
+            if shift is None and not self._warned_no_shift:
+                self._warned_no_shift = True
+                logger.warning("the bundle has no calibration image embeddings: image-built classes are served "
+                               "WITHOUT the modality shift (they may outscore text classes); re-export the bundle "
+                               "with calibration to get it")
+        text = self._text_embeddings_for([cls.name])[:, 0] if cls.text_weight > 0 else None  # [S, D]
+        return image_class_row(cls.embeds, num_sets=self._num_sets, text_embeds=text, text_weight=cls.text_weight,
+                               shift=shift)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """``[n, D]`` L2-normalised image-graph embeddings of ``images`` (``/classify``'s preprocessing)."""
+        chunks = []
+        cfg = self.bundle.preprocessing
+        for start in range(0, len(images), IMAGE_BATCH):
+            _check_deadline("encoding example images")
+            pixels = preprocess(images[start:start + IMAGE_BATCH], cfg)  # [B, 3, H, W]
+            chunks.append(self._encode_images(pixels)[0])  # [B, D]
+        return np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.float32)
+
+    def add_image_class(self, name: str, blobs: Sequence[bytes], *, text_weight: float | None = None,
+                        modality_shift: bool | None = None) -> dict:
+        """Register the class ``name`` built from the encoded example images ``blobs`` (see :mod:`.image_classes`).
+
+        Args:
+            text_weight: blend weight ``w`` of the name's text embedding, in [0, 1] (``None``: the default, 0).
+            modality_shift: move the image prototype into the text cone with the bundle's calibration images
+                (``None``: the default, on).
+
+        Returns:
+            ``{"added": [name], "version", "num_classes", "source", "num_images"}``.
+
+        Raises:
+            RequestError: no images, too many (413), ``text_weight`` outside [0, 1].
+            ImageDecodeError, PayloadTooLargeError: as ``/classify`` for an image or the pixel budget.
+            ClassNameError: an invalid name or one already registered (field ``name``).
+        """
+        blobs = list(blobs)
+        if not blobs:
+            raise RequestError("no example images given: send 1 to "
+                               f"{self.max_class_images} image files in field 'images'", field="images")
+        if len(blobs) > self.max_class_images:
+            raise PayloadTooLargeError(
+                f"{len(blobs)} example images in one request; a class may be built from at most "
+                f"{self.max_class_images} (PROMPTCLIP_MAX_CLASS_IMAGES): send fewer", field="images")
+        w = DEFAULT_TEXT_WEIGHT if text_weight is None else text_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.floating)) or not 0.0 <= float(w) <= 1.0:
+            raise RequestError(f"text_weight must be a number between 0 (images only) and 1 (name only), got {w!r}",
+                               field="text_weight")
+        shift = DEFAULT_MODALITY_SHIFT if modality_shift is None else bool(modality_shift)
+        (new,) = self.registry.normalize_names([name], field="name")
+        embeds = self.embed_images(self._decode_all(blobs))  # [n, D]
+        cls = ImageClass(new, embeds, float(w), shift, self._image_key)
+        row = self._compute_image_row(cls)  # text encoder problems surface before anything is persisted
+
+        def store_examples(added: list[str]) -> None:  # file lock held, before classes.json names the class
+            current = self._images.load() if self._images.path is not None else dict(self._image_classes)
+            current[new] = cls  # replaces an orphan left by a failed commit
+            self._images.save(current)
+            with self._lock:
+                self._image_classes = current
+                self._image_rows = {new: row}
+
+        try:
+            added, version, num = self.registry.add_versioned(
+                [new], before_commit=store_examples, after_commit=self._after_change)
+        except ClassNameError as exc:
+            raise ClassNameError(str(exc), field="name") from exc
+        logger.info("class %r built from %d example image(s) (text_weight %.2f, modality shift %s)", new,
+                    len(embeds), cls.text_weight, "on" if shift and self._shift is not None else "off")
+        return {"added": added, "version": version, "num_classes": num, "source": cls.source,
+                "num_images": cls.num_images}
+
+    def _after_change(self, names: list[str]) -> None:
+        """After a committed change (file lock held): drop the examples of classes no longer listed, then store
+        the runtime text classes' embeddings."""
+        current = self._images.load() if self._images.path is not None else dict(self._image_classes)
+        listed = set(names)
+        gone = [n for n in current if n not in listed]
+        if gone:
+            for n in gone:
+                del current[n]
+            self._images.save(current)
+            logger.info("removed the example images of %d class(es): %s", len(gone), ", ".join(map(repr, gone[:10])))
+        with self._lock:
+            self._image_classes = current
+            self._image_rows = {n: r for n, r in self._image_rows.items() if n in current}
+        if self._store is not None:
+            self._persist(names)
+
     # -- class list management -----------------------------------------------------------------
+
+    def _drop_orphan_examples(self, new: list[str]) -> None:
+        """Before names are registered as text classes (file lock held): forget examples stored under those names
+        by an image add whose commit failed, so the names are not served as image-built classes."""
+        current = self._images.load() if self._images.path is not None else dict(self._image_classes)
+        keys = {class_name_key(n) for n in new}
+        orphans = [n for n in current if class_name_key(n) in keys]
+        if not orphans:
+            return
+        for n in orphans:
+            del current[n]
+        self._images.save(current)
+        logger.warning("dropped the stored example images of %s (left by an add that was not committed)",
+                       ", ".join(map(repr, orphans)))
+        with self._lock:
+            self._image_classes = current
+            self._image_rows = {n: r for n, r in self._image_rows.items() if n in current}
 
     def add_classes(self, names: Sequence[str]) -> dict:
         """Register new classes (encoded before they are persisted); ``{"added", "version", "num_classes"}``."""
@@ -461,19 +663,22 @@ class Classifier:
                 f"{len(names)} names in one request; at most {self.max_add_names} may be added at once "
                 "(PROMPTCLIP_MAX_ADD_NAMES): split the list into several requests", field="names")
         normalised = self.registry.normalize_names(names, field="names")
-        self._embeddings_for(normalised)  # encoder problems surface before the change is persisted
-        persist = self._persist if self._store is not None else None
-        added, version, num = self.registry.add_versioned(normalised, after_commit=persist)
+        self._text_embeddings_for(normalised)  # encoder problems surface before the change is persisted
+        added, version, num = self.registry.add_versioned(normalised, before_commit=self._drop_orphan_examples,
+                                                          after_commit=self._after_change)
         return {"added": added, "version": version, "num_classes": num}
 
     def remove_classes(self, names: Sequence[str]) -> dict:
         """Unregister classes; ``{"removed", "version", "num_classes"}``."""
-        persist = self._persist if self._store is not None else None
-        removed, version, num = self.registry.remove_versioned(names, after_commit=persist)
+        removed, version, num = self.registry.remove_versioned(names, after_commit=self._after_change)
         return {"removed": removed, "version": version, "num_classes": num}
 
     def _is_runtime(self, name: str) -> bool:
         return class_name_key(name) not in self._bundle_rows
+
+    def _is_text_runtime(self, name: str) -> bool:
+        """A runtime class whose row is its name's text embedding (not one built from example images)."""
+        return self._is_runtime(name) and name not in self._image_classes
 
     def _persist(self, names: list[str]) -> None:
         """Store the embeddings of ``names``' runtime classes (the registry's file lock held): ours, the file's (rows
@@ -483,7 +688,7 @@ class Classifier:
         rows: dict[str, np.ndarray] = {}
         with self._lock:
             for name in names:
-                if not self._is_runtime(name):
+                if not self._is_text_runtime(name):
                     continue
                 for source in (self._stored, disk, self._cache):
                     vec = source.get(name)
@@ -494,10 +699,17 @@ class Classifier:
         self._store.save(rows)
 
     def list_classes(self) -> dict:
-        """``{"names", "version", "num_classes"}`` of the active class list (other workers' changes included)."""
+        """``{"names", "version", "num_classes", "classes"}`` of the active class list (other workers' changes
+        included); ``classes`` gives each class's provenance ``{"name", "source", "num_images"}`` (``source``:
+        ``"text"``, ``"images"`` or ``"text+images"``)."""
         self.registry.refresh()
         version, names = self.registry.snapshot()
-        return {"names": names, "version": version, "num_classes": len(names)}
+        self._reload_image_classes()
+        with self._lock:
+            images = dict(self._image_classes)
+        classes = [{"name": n, "source": images[n].source, "num_images": images[n].num_images} if n in images
+                   else {"name": n, "source": SOURCE_TEXT, "num_images": 0} for n in names]
+        return {"names": names, "version": version, "num_classes": len(names), "classes": classes}
 
     def info(self) -> dict:
         """Health/readiness details: method, classes, prompt sets, runtime and providers."""

@@ -26,7 +26,7 @@ __all__ = ["openapi_document", "ERROR_STATUSES"]
 
 #: Why each error status is answered (the body is always ErrorResponse).
 ERROR_STATUSES: dict[int, str] = {
-    400: "The upload is not a decodable image (ImageDecodeError).",
+    400: "An upload is not a decodable image (ImageDecodeError).",
     401: "Class changes need `Authorization: Bearer <token>` (AuthError); without a configured token they are "
          "refused unless the server opened writes on purpose.",
     404: "A class to remove is not registered (UnknownClassError).",
@@ -45,6 +45,7 @@ _TIMEOUT_BODY = {"type": "object", "required": ["error"], "properties": {"error"
 
 _CLASSIFY_ERRORS = (400, 413, 415, 422, 500, 503, 504)
 _WRITE_ERRORS = (401, 413, 415, 422, 500, 503, 504)
+_ADD_ERRORS = (400, *_WRITE_ERRORS)
 _READ_ERRORS = (413, 415, 422, 500, 503, 504)
 
 _TOP_K = {"type": "integer", "minimum": 1,
@@ -132,9 +133,23 @@ def openapi_document(title: str = "promptclip", version: str = "1") -> dict[str,
             "requestBody": _json_body(empty, required=False),
             "responses": _responses(ClassListResponse, _READ_ERRORS)}},
         "/add_classes": {"post": {
-            "summary": "Register classes (needs the bearer token)", "operationId": "add_classes", "security": bearer,
-            "requestBody": _json_body(names, required=True),
-            "responses": _responses(AddClassesResponse, _WRITE_ERRORS)}},
+            "summary": "Register classes by name (JSON) or one class from example images (multipart); needs the "
+                       "bearer token", "operationId": "add_classes", "security": bearer,
+            "requestBody": {"required": True, "content": {
+                **_json_body(names, required=True)["content"],
+                **_multipart({"name": {"type": "string", "minLength": 1, "description": "The class name."},
+                              "images": {"type": "array", "minItems": 1, "items": _IMAGE,
+                                         "description": "1..N example images (PROMPTCLIP_MAX_CLASS_IMAGES, default "
+                                                        "32)."},
+                              "text_weight": {"type": "number", "minimum": 0, "maximum": 1,
+                                              "description": "Blend weight of the name's text embedding (0 = images "
+                                                             "only, the default; 1 = name only)."},
+                              "modality_shift": {"type": "boolean",
+                                                 "description": "Shift the images' prototype into the text cone "
+                                                                "with the bundle's calibration images (default "
+                                                                "true)."}},
+                             ["name", "images"], "images")["content"]}},
+            "responses": _responses(AddClassesResponse, _ADD_ERRORS)}},
         "/remove_classes": {"post": {
             "summary": "Unregister classes (needs the bearer token)", "operationId": "remove_classes",
             "security": bearer, "requestBody": _json_body(names, required=True),

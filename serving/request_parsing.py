@@ -21,11 +21,11 @@ from starlette.responses import JSONResponse
 
 from .errors import PayloadTooLargeError, PromptclipError, RequestError, UnsupportedMediaTypeError
 from .http_errors import error_response
-from .schemas import ClassifyParams, ClassNamesRequest, EmptyRequest
+from .schemas import ClassifyParams, ClassNamesRequest, EmptyRequest, ImageClassParams
 from .settings import max_upload_bytes_from_env
 
-__all__ = ["ParsedRequest", "InputSpec", "ClassifyInput", "ClassifyBatchInput", "ClassNamesInput", "EmptyInput",
-           "UploadLimitMiddleware"]
+__all__ = ["ParsedRequest", "InputSpec", "ClassifyInput", "ClassifyBatchInput", "ClassNamesInput",
+           "AddClassesInput", "EmptyInput", "UploadLimitMiddleware"]
 
 
 # -- request parsing -------------------------------------------------------------------------------
@@ -87,6 +87,10 @@ class InputSpec(bentoml.IODescriptor):
     single_file: ClassVar[bool] = True
     #: form fields that are lists (repeated field, or one JSON array).
     list_fields: ClassVar[tuple[str, ...]] = ()
+    #: form fields taken as text verbatim (a class name "123" or "true" stays a string).
+    text_fields: ClassVar[tuple[str, ...]] = ()
+    #: the curl example in multipart error messages (``None``: the classify endpoints').
+    example: ClassVar[str | None] = None
 
     @classmethod
     def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -132,7 +136,7 @@ class InputSpec(bentoml.IODescriptor):
         field = cls.file_field
         assert field is not None
         endpoint = "classify" if cls.single_file else "classify_batch"
-        example = f"curl -F {field}=@photo.jpg -F top_k=3 http://HOST/{endpoint}"
+        example = cls.example or f"curl -F {field}=@photo.jpg -F top_k=3 http://HOST/{endpoint}"
         media = _media_type(request.headers)
         if media != "multipart/form-data":
             raise UnsupportedMediaTypeError(
@@ -172,6 +176,8 @@ class InputSpec(bentoml.IODescriptor):
                 data[key] = _form_list(items)
             elif len(items) > 1:
                 raise RequestError(f"form field {key!r} was given {len(items)} times; give it once", field=key)
+            elif key in cls.text_fields:
+                data[key] = items[0]
             else:
                 data[key] = _form_scalar(items[0])
         try:
@@ -220,6 +226,37 @@ class ClassifyBatchInput(InputSpec):
 
 class ClassNamesInput(InputSpec):
     params_model = ClassNamesRequest
+
+
+class _ImageClassForm(InputSpec):
+    """The multipart form of ``/add_classes``: ``name``, 1..N ``images``, optional ``text_weight``, ``modality_shift``.
+    """
+
+    params_model = ImageClassParams
+    file_field = "images"
+    single_file = False
+    text_fields = ("name",)
+    example = ("curl -H 'Authorization: Bearer TOKEN' -F name='my part' -F images=@a.jpg -F images=@b.jpg "
+               "http://HOST/add_classes")
+
+
+class AddClassesInput(InputSpec):
+    """``/add_classes`` takes either body: JSON ``{"names": [...]}`` (classes by name) or a multipart form
+    (one class from example images, :class:`_ImageClassForm`); the Content-Type says which. The API method tells
+    them apart by the type of ``ParsedRequest.params`` (:class:`ClassNamesRequest` or :class:`ImageClassParams`)."""
+
+    params_model = ClassNamesRequest
+
+    @classmethod
+    async def from_http_request(cls, request: Any, serde: Any) -> InputSpec:
+        try:
+            if _media_type(request.headers) == "multipart/form-data":
+                parsed = await _ImageClassForm._parse_multipart(request)
+            else:
+                parsed = await cls._parse_json(request)
+        except PromptclipError as exc:
+            parsed = ParsedRequest(error=exc)
+        return cls.model_construct(parsed=parsed)
 
 
 class EmptyInput(InputSpec):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "ClassifyParams", "ClassNamesRequest", "EmptyRequest",
-    "ClassScore", "ClassifyResponse", "ClassifyBatchResponse", "ClassListResponse",
+    "ClassifyParams", "ClassNamesRequest", "ImageClassParams", "EmptyRequest",
+    "ClassScore", "ClassInfo", "ClassifyResponse", "ClassifyBatchResponse", "ClassListResponse",
     "AddClassesResponse", "RemoveClassesResponse", "HealthResponse", "ErrorResponse",
 ]
 
@@ -43,6 +43,19 @@ class ClassNamesRequest(_Request):
     names: list[str] = Field(description="Class names (whitespace is trimmed and collapsed).")
 
 
+class ImageClassParams(_Request):
+    """Non-file form fields of ``/add_classes`` in its multipart form (a class built from example images)."""
+
+    name: str = Field(description="The class name (normalised as in the JSON form).")
+    text_weight: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Blend weight of the name's text embedding: 0 = images only (the default), 1 = name only.")
+    modality_shift: bool | None = Field(
+        default=None,
+        description="Move the images' prototype into the text embeddings' cone with the bundle's calibration "
+        "images (default: true; without calibration images in the bundle no shift is applied).")
+
+
 class ClassScore(BaseModel):
     """One ranked class."""
 
@@ -69,12 +82,21 @@ class ClassifyBatchResponse(BaseModel):
     classes_version: int | None = Field(default=None, description=_VERSION_DOC)
 
 
+class ClassInfo(BaseModel):
+    """One registered class and where its row comes from."""
+
+    name: str
+    source: str = Field(description="'text' (the name), 'images' (example images) or 'text+images' (blended).")
+    num_images: int = Field(description="Example images the class was built from (0 for a text class).")
+
+
 class ClassListResponse(BaseModel):
     """The active class list."""
 
     names: list[str]
     version: int
     num_classes: int
+    classes: list[ClassInfo] = Field(default_factory=list, description="Each class with its provenance, in order.")
 
 
 class AddClassesResponse(BaseModel):
@@ -83,6 +105,9 @@ class AddClassesResponse(BaseModel):
     added: list[str]
     version: int
     num_classes: int
+    source: str | None = Field(default=None, description="For a class built from images: 'images' or "
+                               "'text+images' (null for names added by the JSON form).")
+    num_images: int | None = Field(default=None, description="Example images of a class built from images.")
 
 
 class RemoveClassesResponse(BaseModel):

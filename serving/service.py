@@ -8,8 +8,10 @@ Endpoints (BentoML API routes are all ``POST``):
 
 * ``/classify``: multipart ``image`` (one file), optional ``top_k``, optional ``classes``.
 * ``/classify_batch``: multipart ``images`` (repeated), optional ``top_k`` and ``classes``.
-* ``/classes``: the active class list. ``/add_classes``, ``/remove_classes``: JSON ``{"names": [...]}``, with
-  ``Authorization: Bearer <token>`` (refused without a configured token unless writes were opened on purpose).
+* ``/classes``: the active class list, with each class's provenance. ``/add_classes``, ``/remove_classes``: JSON
+  ``{"names": [...]}``, with ``Authorization: Bearer <token>`` (refused without a configured token unless writes
+  were opened on purpose). ``/add_classes`` also takes a multipart form: ``name`` + 1..N ``images`` (+ optional
+  ``text_weight``, ``modality_shift``) builds one class from example images (:mod:`serving.image_classes`).
 * ``GET /ui``: a self-contained page to try the model in a browser (:data:`UI_PAGE`, no external resources).
 * ``/healthz``: method, number of classes, runtime and providers; the same JSON at ``GET /info``. (``GET /healthz``
   and ``/livez`` are BentoML's built-in probes; ``GET /readyz`` fails (503) while the class state is unreadable.)
@@ -45,6 +47,7 @@ from .http_errors import http_status, public_error_response
 from .metrics import ServiceMetrics
 from .openapi import openapi_document
 from .request_parsing import (
+    AddClassesInput,
     ClassifyBatchInput,
     ClassifyInput,
     ClassNamesInput,
@@ -59,6 +62,7 @@ from .schemas import (
     ClassifyResponse,
     ClassListResponse,
     HealthResponse,
+    ImageClassParams,
     RemoveClassesResponse,
 )
 from .settings import ServiceSettings, threads_from_env, workers_from_env
@@ -124,8 +128,8 @@ class PromptclipService:
             s.bundle, state_dir=s.state_dir, runtime=s.runtime, max_image_bytes=s.max_upload_bytes,
             start_empty=s.start_empty, expected_digest=s.bundle_digest, max_add_names=s.max_add_names,
             max_adhoc_classes=s.max_adhoc_classes, max_request_pixels=s.max_request_pixels,
-            max_classes=s.max_classes, micro_batching=s.micro_batching, on_image_batch=self.metrics.on_image_batch,
-            on_text_encode=self.metrics.on_text_encode)
+            max_classes=s.max_classes, max_class_images=s.max_class_images, micro_batching=s.micro_batching,
+            on_image_batch=self.metrics.on_image_batch, on_text_encode=self.metrics.on_text_encode)
 
     @property
     def classifier(self) -> Classifier:
@@ -241,11 +245,19 @@ class PromptclipService:
         """The active class list and its version."""
         return self._respond(ctx, parsed, lambda p: ClassListResponse(**self.classifier.list_classes()))
 
-    @bentoml.api(route="/add_classes", input_spec=ClassNamesInput)
+    @bentoml.api(route="/add_classes", input_spec=AddClassesInput)
     def add_classes(self, parsed: ParsedRequest, ctx: bentoml.Context) -> AddClassesResponse:
-        """Register new classes: JSON ``{"names": [...]}`` (needs the bearer token when one is configured)."""
-        return self._respond(ctx, parsed, lambda p: AddClassesResponse(**self.classifier.add_classes(p.params.names)),
-                             mutating=True)
+        """Register new classes: JSON ``{"names": [...]}``, or one class from example images (multipart ``name`` +
+        ``images``); needs the bearer token when one is configured. BentoML routes one body type per API, so this
+        input spec reads either and the Content-Type decides."""
+        def handler(p: ParsedRequest) -> AddClassesResponse:
+            params = p.params
+            if isinstance(params, ImageClassParams):
+                return AddClassesResponse(**self.classifier.add_image_class(
+                    params.name, p.files, text_weight=params.text_weight, modality_shift=params.modality_shift))
+            return AddClassesResponse(**self.classifier.add_classes(params.names))
+
+        return self._respond(ctx, parsed, handler, mutating=True)
 
     @bentoml.api(route="/remove_classes", input_spec=ClassNamesInput)
     def remove_classes(self, parsed: ParsedRequest, ctx: bentoml.Context) -> RemoveClassesResponse:

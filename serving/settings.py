@@ -16,6 +16,8 @@
 * ``PROMPTCLIP_MAX_REQUEST_PIXELS`` (default 40,000,000): decoded pixels of one request's images together (JPEGs
   count at the reduced scale they are decoded at); 413 from the headers, before decoding.
 * ``PROMPTCLIP_MAX_CLASSES`` (default 10,000): most classes the registered list may hold.
+* ``PROMPTCLIP_MAX_CLASS_IMAGES`` (default 32): example images one ``/add_classes`` multipart request may build a
+  class from (413 above it).
 * ``PROMPTCLIP_REQUEST_DEADLINE_S`` (default 110, under BentoML's 120 s request timeout): a request's encoder
   work stops (504) once this many seconds have passed since it started, instead of running on after the client
   had its answer.
@@ -90,6 +92,7 @@ class ServiceSettings:
     max_adhoc_classes: int = 256
     max_request_pixels: int = 40_000_000
     max_classes: int = 10_000
+    max_class_images: int = 32
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -122,6 +125,7 @@ class ServiceSettings:
             max_adhoc_classes=_env_int(env, "PROMPTCLIP_MAX_ADHOC_CLASSES", cls.max_adhoc_classes),
             max_request_pixels=_env_int(env, "PROMPTCLIP_MAX_REQUEST_PIXELS", cls.max_request_pixels),
             max_classes=_env_int(env, "PROMPTCLIP_MAX_CLASSES", cls.max_classes),
+            max_class_images=_env_int(env, "PROMPTCLIP_MAX_CLASS_IMAGES", cls.max_class_images),
         )
 
 

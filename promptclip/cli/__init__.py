@@ -1,8 +1,8 @@
 """The ``promptclip`` command line.
 
-Subcommands: ``train``, ``eval``, ``export``, ``serve``, ``classify``, ``demo``, ``reproduce``, ``toyworld``,
-``bench``, and the listings ``methods`` and ``backbones``. A user mistake (any :class:`PromptclipError`) prints one
-``error:`` line and exits with status 2, no traceback.
+Subcommands: ``train``, ``eval``, ``export``, ``serve``, ``classify``, ``classes``, ``demo``, ``reproduce``,
+``toyworld``, ``bench``, and the listings ``methods`` and ``backbones``. A user mistake (any :class:`PromptclipError`)
+prints one ``error:`` line and exits with status 2, no traceback.
 
 Layout: :mod:`promptclip.cli.parsers` builds the parser, one module per command group, with the standard library
 only; :mod:`promptclip.cli.commands` holds each group's handlers, which import their dependencies at module level.

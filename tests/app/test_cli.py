@@ -144,13 +144,14 @@ def test_building_the_parser_loads_no_command_group():
 
 
 def test_serve_and_classify_are_torch_free(bundles, shapes_root):
-    """A serving host has no torch: `classify` and `serve` (up to starting bentoml) run through the CLI without it."""
+    """A serving host has no torch: `classify` and `serve` (up to starting bentoml) run through the CLI without it, and
+    `classes` (add/list/remove on a state dir) imports none."""
     image = next((shapes_root / "test").glob("*/*.png"))
     bundle = str(bundles["coop"])
     assert_torch_free(f"from promptclip.cli import main\n"
                       f"assert main(['classify', '--bundle', {bundle!r}, {str(image)!r}, '--top-k', '2']) == 0\n"
                       f"assert main(['serve', '--bundle', {bundle + '-missing'!r}]) == 2\n"
-                      f"import promptclip.cli.commands.serve, promptclip.server")
+                      f"import promptclip.cli.commands.serve, promptclip.cli.commands.classes, promptclip.server")
 
 
 def test_eval_accepts_a_test_only_folder(capsys, trained, shapes_root, tmp_path):

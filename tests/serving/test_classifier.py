@@ -102,7 +102,8 @@ def test_added_class_gets_its_text_encoder_embedding(fresh_clf, synthetic_bundle
     for row, exp in zip(results, expected):
         got = {r["name"]: r["logit"] for r in row}
         np.testing.assert_allclose([got[n] for n in names], exp, atol=1e-3)
-    assert fresh_clf.list_classes() == {"names": names, "version": 2, "num_classes": 8}
+    assert fresh_clf.list_classes() == {"names": names, "version": 2, "num_classes": 8,
+                                        "classes": [{"name": n, "source": "text", "num_images": 0} for n in names]}
 
 
 def test_remove_classes(fresh_clf, pil_image):

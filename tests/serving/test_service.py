@@ -280,8 +280,11 @@ def test_add_classes_bad_body(client):
     assert_error(client.post("/add_classes", content=b"{not json",
                              headers={**AUTH, "Content-Type": "application/json"}),
                  422, "RequestError", contains="not valid JSON")
-    assert_error(client.post("/add_classes", files={"names": ("n", b"zebra")}, headers=AUTH), 415,
+    assert_error(client.post("/remove_classes", files={"names": ("n", b"zebra")}, headers=AUTH), 415,
                  "UnsupportedMediaTypeError", contains="JSON")
+    # /add_classes' multipart form is the image form (one class from example images): `names` is not one of its fields
+    assert_error(client.post("/add_classes", files={"names": ("n", b"zebra")}, headers=AUTH), 422,
+                 "RequestError", field="names", contains="'images'")
     assert_error(client.post("/remove_classes", json={"names": ["cat", "dog", "red car", "tree", "airplane",
                                                                 "sailing boat"]}, headers=AUTH),
                  422, "ClassNameError", contains="at least one class must remain")

@@ -12,6 +12,7 @@ from promptclip.server import SERVICE_ROOT, serve_command, serve_env, supervise
 from serving.bundle import load_bundle
 from serving.classifier import Classifier, check_bundle_digest, open_class_registry
 from serving.errors import PromptclipError
+from serving.image_classes import check_image_classes, describe_stale
 from serving.runtime import PROVIDERS_ENV, resolve_providers
 
 log = logging.getLogger("promptclip")
@@ -30,7 +31,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise PromptclipError(f"--workers {args.workers} needs --state-dir: the workers share the class list "
                               "through it (without one each worker would keep its own)")
     if args.state_dir:  # a corrupt, unreadable or lost state file stops here (non-zero exit, the message)
-        open_class_registry(bundle, args.state_dir, start_empty=args.start_empty)
+        registry = open_class_registry(bundle, args.state_dir, start_empty=args.start_empty)
+        stale = check_image_classes(bundle, args.state_dir, registry.names())
+        if stale:  # the server starts (so /remove_classes can fix it) but refuses to rank with them
+            log.error("%s Until then /classify answers 503.", describe_stale(stale))
     extra = {"PROMPTCLIP_START_EMPTY": "1"} if args.start_empty else {}
     if args.bundle_digest:
         extra["PROMPTCLIP_BUNDLE_DIGEST"] = args.bundle_digest

@@ -6,7 +6,7 @@ group runs (see :func:`promptclip.cli.run_handler`). Building the whole parser t
 """
 from __future__ import annotations
 
-from . import demo, engine, export, reproduce, serve, toyworld, train
+from . import classes, demo, engine, export, reproduce, serve, toyworld, train
 
 #: the groups in the order their subcommands appear in ``promptclip --help``
-GROUPS = (train, export, serve, engine, demo, reproduce, toyworld)
+GROUPS = (train, export, serve, classes, engine, demo, reproduce, toyworld)
