@@ -294,7 +294,8 @@ def test_workers_adding_concurrently_lose_no_examples(synthetic_bundle, image_by
     assert not errors, errors
     third = Classifier.from_bundle(synthetic_bundle.path, state_dir=state)
     sources = {c["name"]: c["source"] for c in third.list_classes()["classes"]}
-    assert sorted(n for n, s in sources.items() if s == "images") == [f"img {w} {i}" for w in range(2) for i in range(3)]
+    expected = [f"img {w} {i}" for w in range(2) for i in range(3)]
+    assert sorted(n for n, s in sources.items() if s == "images") == expected
     assert sum(s == "text" for s in sources.values()) == 6 + 6
     rows = _rows(third)
     for w in range(2):
