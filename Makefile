@@ -6,7 +6,7 @@ STAMP := $(VENV)/.promptclip-installed
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: demo test lint venv bench bench-methods bench-disa-parts bench-coop-long clean
+.PHONY: demo test lint venv bench bench-open-set bench-methods bench-disa-parts bench-coop-long clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py --out bench_out
+
+# open-set answers on the toy world (README "None of these"): AUROC, false accepts at 95% kept, 3 seeds, ~7 min
+bench-open-set: $(STAMP)
+	$(PY) benchmarks/bench_open_set.py --out bench_out/open_set --seeds 0,1,2
 
 # Base-to-novel on both toy-world splits (name, disjoint), 5 seeds, with the paired tables vs ivlp and zeroshot
 # and the pre-issue-13 forms of DiSa / ISP as ablations (bench_methods/); the DiSa per-part ablations
