@@ -83,3 +83,41 @@ def test_bad_calibration_inputs_are_refused_before_export(zeroshot_run, tmp_path
     with pytest.raises(ExportError, match="does not exist"):
         export_bundle(artifact, tmp_path / "x", exporter="torchscript", calibration=tmp_path / "nowhere")
     assert not (tmp_path / "x").exists()
+
+
+def test_an_image_of_no_listed_class_is_none_of_these_on_the_toy_bundle(tmp_path):
+    """toy-clip zero-shot on 4 clean toy-world classes, calibrated on their held-out images: a uniform grey image and
+    images of a class left out of the list are answered none_of_these; held-out images of listed classes mostly
+    are not."""
+    import io
+
+    from PIL import Image
+
+    from training.engine import TrainConfig
+    from training.methods import method_config_for_backbone
+    from training.toyworld import world
+    from training.workflow import train_run
+
+    known = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
+    splits = world.write_style_dataset(tmp_path / "known", "clean", classes=known, train_per_class=1,
+                                       test_per_class=10, seed=0)
+    left_out = world.write_style_dataset(tmp_path / "left-out", "clean", classes=[("purple", "hexagon")],
+                                         train_per_class=1, test_per_class=4, seed=0)
+    cfg = TrainConfig(epochs=1, max_steps=1, batch_size=4, precision="fp32", device="cpu", seed=0)
+    run = train_run(method_name="zeroshot", data_root=tmp_path / "known", out_dir=tmp_path / "run",
+                    backbone_name="toy-clip", method_config=method_config_for_backbone("zeroshot", "toy-clip"),
+                    train_config=cfg, shots=1, subsample="all", evaluate_splits=False, progress=False)
+    out = export_bundle(run.artifact, tmp_path / "bundle", exporter="torchscript", calibration="auto",
+                        progress=False)
+    clf = Classifier.from_bundle(out)
+    assert clf.bundle.calibration.num_images == 40
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, format="PNG")
+    unknown = [buf.getvalue()] + [open(s.path, "rb").read() for s in left_out.test]
+    for rule in ("max_cosine", "msp"):
+        r = clf.classify_bytes_detailed(unknown, open_set_rule=rule, keep_rate=0.9, top_k=1)
+        assert r.none_of_these[0] is True, (rule, r.predictions[0])  # grey
+        assert sum(r.none_of_these[1:]) >= 3, (rule, r.none_of_these)  # the left-out class
+    known_test = [open(s.path, "rb").read() for s in splits.test]
+    kept = clf.classify_bytes_detailed(known_test, keep_rate=0.9, top_k=1).none_of_these
+    assert sum(not u for u in kept) == 36  # the calibration images themselves: exactly 90% kept
