@@ -103,7 +103,7 @@ def run_seed(seed: int, out: Path, *, style: str, known: int, total: int, steps:
             ru = clf.classify_bytes_detailed(blobs_unknown, **kw)
             rg = clf.classify_bytes_detailed([grey], **kw)
 
-            def best(r):
+            def best(r, rule=rule, scale=scale):
                 return [p[0]["score"] if rule == "msp" else p[0]["logit"] / scale for p in r.predictions]
 
             acc = float(np.mean([p[0]["name"] == known_splits.classnames[lab]

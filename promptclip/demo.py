@@ -1,8 +1,9 @@
 """``promptclip demo``: the whole product, offline, in a few minutes on 2 CPU cores.
 
 Steps (each prints its result): make a small labelled image set -> train ``ivlp`` on the base classes ->
-evaluate base and new -> export a bundle (with open-set calibration from the held-out images) -> start ``bentoml serve`` on loopback -> classify an image over HTTP ->
-add a class name at runtime -> classify again -> stop the server.
+evaluate base and new -> export a bundle (with open-set calibration from the held-out images) -> start
+``bentoml serve`` on loopback -> classify an image over HTTP (prediction, confidence, none_of_these) -> add a class
+name at runtime -> classify again -> stop the server.
 """
 from __future__ import annotations
 

@@ -41,8 +41,8 @@ from .preprocess import decode_image, decoded_size, preprocess
 from .runtime import Runtime, create_runtime
 from .tokenizer import ClipTokenizer
 
-__all__ = ["Classifier", "ClassifyResult", "DEFAULT_TOP_K", "open_class_registry", "check_bundle_digest", "DeadlineExceededError",
-           "deadline_scope"]
+__all__ = ["Classifier", "ClassifyResult", "DEFAULT_TOP_K", "open_class_registry", "check_bundle_digest",
+           "DeadlineExceededError", "deadline_scope"]
 
 logger = logging.getLogger(__name__)
 

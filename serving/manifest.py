@@ -39,8 +39,8 @@ from .format import (
 from .preprocess import PreprocessConfig
 
 __all__ = [
-    "BackboneInfo", "BundleManifest", "CalibrationInfo", "Capabilities", "ClassesInfo", "EngineSpec", "GRAPH_PRECISIONS", "GraphSpec",
-    "Graphs", "MethodInfo",
+    "BackboneInfo", "BundleManifest", "CalibrationInfo", "Capabilities", "ClassesInfo", "EngineSpec",
+    "GRAPH_PRECISIONS", "GraphSpec", "Graphs", "MethodInfo",
     "Preprocessing", "PromptSets", "TensorSpec", "TextInfo", "bundle_versions", "read_manifest", "sha256_file",
     "write_manifest", "REEXPORT", "bundle_digest", "DIGEST_PREFIX",
 ]

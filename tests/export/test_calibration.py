@@ -44,9 +44,8 @@ def test_export_writes_calibration_the_service_reproduces(zeroshot_run, tmp_path
     assert sorted(np.bincount(cal.labels).tolist()) == [3] * 8
     # the same image classified by the service has exactly the calibration embedding (same decode, same graph)
     clf = Classifier.from_bundle(out)
-    from serving.preprocess import decode_image, preprocess
-
     from export.calibration import pick, samples_from_folder
+    from serving.preprocess import decode_image, preprocess
 
     picked = pick(samples_from_folder(root), bundle.class_names, per_class=3)
     path, label = picked[5]
