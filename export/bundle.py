@@ -20,12 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from export import calibration as calib
 from export.onnx_export import DEFAULT_OPSET, TOLERANCES, ImageGraph, TextGraph, export_checked, ort_session
 from serving import format as fmt
 from serving.bundle import load_bundle
+from serving.errors import PromptclipError
 from serving.manifest import (
     BackboneInfo,
     BundleManifest,
+    CalibrationInfo,
     Capabilities,
     ClassesInfo,
     Graphs,
@@ -40,6 +43,7 @@ from serving.manifest import (
     sha256_file,
     write_manifest,
 )
+from serving.open_set import MIN_CALIBRATION_IMAGES, check_keep_rate, check_rule, write_calibration
 from serving.tokenizer import ClipTokenizer, default_vocab_path
 from training.artifact import PromptArtifact, check_rebuilt_backbone, load_prompt_artifact, versions
 from training.errors import ArtifactError, ExportError
@@ -78,6 +82,12 @@ def export_bundle(
     overwrite: bool = False,
     precision: str = "fp32",
     optimize: bool = False,
+    calibration: calib.CalibrationSource = None,
+    keep_rate: float = fmt.DEFAULT_KEEP_RATE,
+    open_set_rule: str = "max_cosine",
+    calibration_per_class: int = calib.DEFAULT_PER_CLASS,
+    calibration_seed: int = 0,
+    progress: bool = True,
 ) -> Path:
     """Export ``artifact`` into a deploy bundle at ``out_dir``; returns the bundle path.
 
@@ -87,6 +97,14 @@ def export_bundle(
         pretrained: backbone weights location when the recorded one is unavailable here.
         precision: ``fp32``, ``fp16`` or ``int8`` (see :mod:`export.onnx_export`); parity bounds follow it.
         optimize: run onnxruntime's transformer optimiser on each graph before the precision conversion.
+        calibration: held-out labelled images of the exported classes for open-set answers (:mod:`serving.open_set`):
+            an image folder (``<class>/<image>`` or ``test/<class>/<image>``; its held-out split is used),
+            ``"auto"`` (the held-out split of the data root the artifact records, when it is on disk), or ``(path,
+            class name)`` pairs; ``None``: no calibration (logged; open-set answers are then null).
+        keep_rate, open_set_rule: the bundle's open-set defaults (share of known images kept; ``max_cosine`` or
+            ``msp``).
+        calibration_per_class, calibration_seed: at most this many calibration images per class, chosen with this
+            seed.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -108,6 +126,21 @@ def export_bundle(
         log.warning("%s was configured with %s expert weights; the bundle computes them per image (a prediction "
                     "must not depend on the other images of a request)", method.name, method.config.weighting)
     names = normalize_class_names(class_names if class_names is not None else art.classnames)
+    try:
+        keep_rate = check_keep_rate(keep_rate, field="keep_rate")
+        open_set_rule = check_rule(open_set_rule, field="open_set_rule")
+    except PromptclipError as exc:
+        raise ExportError(str(exc).replace("keep_rate", "--keep-rate").replace("open_set_rule", "--open-set-rule")
+                          ) from exc
+    resolved = calib.resolve_samples(calibration, art.config.trained_on.get("dataset"))
+    picked = None
+    if resolved is not None:  # fail on bad calibration data before the slow export
+        try:
+            picked = calib.pick(resolved[0], names, per_class=calibration_per_class, seed=calibration_seed)
+        except ExportError as exc:
+            if not (isinstance(calibration, str) and calibration == "auto"):
+                raise
+            log.warning("no open-set calibration (none_of_these will be null): %s", exc)
     template = method.prompt_template(art.dataset_template)
     ctx_len = backbone.context_length
     vocab = default_vocab_path()
@@ -162,6 +195,20 @@ def export_bundle(
                   "text": [e.pop("parity") for e in text_entries] if num_sets > 1 else text_entries[0].pop("parity"),
                   "class_embeddings": class_parity if num_sets > 1 else class_parity[0],
                   "logits": logits_parity}
+        calibration_info = None
+        if picked is not None:
+            embeds, cal_weights, labels = calib.embed(tmp / fmt.IMAGE_GRAPH_FILE, picked,
+                                                      Preprocessing(**backbone.preprocess).config(), num_sets,
+                                                      precision, progress=progress)
+            write_calibration(tmp / fmt.CALIBRATION_FILE, embeds, labels, cal_weights)
+            num_cal_classes = len(set(labels.tolist()))
+            calibration_info = CalibrationInfo(
+                file=fmt.CALIBRATION_FILE, sha256=sha256_file(tmp / fmt.CALIBRATION_FILE), num_images=len(labels),
+                num_classes=num_cal_classes, keep_rate=keep_rate, default_rule=open_set_rule)
+            log.info("calibration: %d images of %d of the %d classes from %s (at most %d per class, seed %d)",
+                     len(labels), num_cal_classes, len(names), resolved[1], calibration_per_class, calibration_seed)
+            if len(labels) < MIN_CALIBRATION_IMAGES:
+                log.warning("calibration: only %d images; thresholds from so few are coarse", len(labels))
         empty_tokens = len(tokenizer.encode(template.format("")))
         manifest = BundleManifest(
             **bundle_versions(num_sets),
@@ -184,6 +231,7 @@ def export_bundle(
             parity=parity,
             prompt_sets=(PromptSets(names=method.prompt_set_names(), combine=fmt.COMBINE_WEIGHTED_SUM)
                          if num_sets > 1 else None),
+            calibration=calibration_info,
         )
         write_manifest(tmp, manifest)
         load_bundle(tmp)  # the reader must accept what we wrote (format, hashes, shapes)

@@ -1,8 +1,9 @@
 """``promptclip demo``: the whole product, offline, in a few minutes on 2 CPU cores.
 
 Steps (each prints its result): make a small labelled image set -> train ``ivlp`` on the base classes ->
-evaluate base and new -> export a bundle -> start ``bentoml serve`` on loopback -> classify an image over HTTP ->
-add a class name at runtime -> classify again -> stop the server.
+evaluate base and new -> export a bundle (with open-set calibration from the held-out images) -> start
+``bentoml serve`` on loopback -> classify an image over HTTP (prediction, confidence, none_of_these) -> add a class
+name at runtime -> classify again -> stop the server.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def _say(step: str, text: str) -> None:
 
 
 def _show(preds: list[dict]) -> str:
-    return ", ".join(f"{p['name']} ({100 * p['score']:.1f}%)" for p in preds)
+    return ", ".join(f"{p['name']} ({100 * p['score']:.1f}%" + (
+        f", confidence {p['confidence']:.2f})" if p.get("confidence") is not None else ")") for p in preds)
 
 
 #: demo classes (none held out from toy-clip's pretraining); base = first half of the sorted names (CoOp rule)
@@ -72,11 +74,14 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "toy-
     _say("eval", f"base acc {100 * m['base_accuracy']:.1f}%, new acc {100 * m['new_accuracy']:.1f}%, "
                  f"HM {100 * m['harmonic_mean']:.1f}% (chance {100 / len(base):.0f}%)")
 
-    bundle = export_bundle(res.artifact, out / "bundle", class_names=splits.classnames)
+    # calibration: the held-out test images of the exported classes, for open-set answers (none_of_these)
+    bundle = export_bundle(res.artifact, out / "bundle", class_names=splits.classnames,
+                           calibration=out / "toyworld_data")
     manifest = json.loads((bundle / "manifest.json").read_text())
     par = manifest["parity"]
     _say("export", f"{bundle}: image parity max abs {par['image']['max_abs']:.1e}, text {par['text']['max_abs']:.1e}; "
-                   f"{len(manifest['classes']['names'])} classes (base + new: new names need no training)")
+                   f"{len(manifest['classes']['names'])} classes (base + new: new names need no training); "
+                   f"open-set calibration from {manifest['calibration']['num_images']} held-out images")
 
     rng = np.random.default_rng(123)
     probes = {}
@@ -89,32 +94,33 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "toy-
         server.wait_ready()
         _say("serve", f"bentoml serve up at {server.url} (pid {server.proc.pid})")
         with httpx.Client(base_url=server.url, timeout=60.0) as client:
-            preds = _classify(client, probes["red circle"])
-            _say("classify", f"an image of a red circle -> {_show(preds)}")
-            preds = _classify(client, probes[added])
-            _say("classify", f"an image of a {added} (not a class yet) -> {_show(preds)}")
+            preds, none = _classify(client, probes["red circle"])
+            _say("classify", f"an image of a red circle -> {_show(preds)}; none_of_these: {none}")
+            preds, none = _classify(client, probes[added])
+            _say("classify", f"an image of a {added} (not a class yet) -> {_show(preds)}; none_of_these: {none}")
             r = client.post("/add_classes", json={"names": [added]})
             r.raise_for_status()
             _say("add class", f"added {added!r} at runtime (a combination toy-clip never saw) -> {r.json()}")
-            after = _classify(client, probes[added], top_k=len(splits.classnames) + 1)
+            after, none = _classify(client, probes[added], top_k=len(splits.classnames) + 1)
             names = [p["name"] for p in after]
             if added not in names:
                 raise RuntimeError(f"runtime-added class {added!r} missing from the answer: {after}")
             _say("classify", f"the {added} image again -> {_show(after[:3])}; {added!r} ranks "
-                             f"{names.index(added) + 1} of {len(after)}")
+                             f"{names.index(added) + 1} of {len(after)}; none_of_these: {none}")
         _say("stop", f"stopping server pid {server.proc.pid}")
     _say("done", f"in {time.monotonic() - t0:.0f}s; artifacts under {out}")
     return 0
 
 
-def _classify(client: httpx.Client, image_path: Path, top_k: int = 3) -> list[dict]:
+def _classify(client: httpx.Client, image_path: Path, top_k: int = 3) -> tuple[list[dict], bool | None]:
+    """The predictions and the open-set answer ``none_of_these`` for one image."""
     with open(image_path, "rb") as f:
         r = client.post("/classify", files={"image": (Path(image_path).name, f, "image/png")},
                         data={"top_k": str(top_k)})
     if r.status_code != 200:
         raise RuntimeError(f"/classify answered {r.status_code}: {r.text}")
     body = r.json()
-    return body["predictions"] if isinstance(body, dict) else body
+    return body["predictions"], body.get("none_of_these")
 
 
 if __name__ == "__main__":

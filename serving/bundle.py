@@ -24,6 +24,7 @@ import numpy as np
 from .errors import BundleError
 from .format import class_embeddings_key
 from .manifest import REEXPORT, BundleManifest, GraphSpec, read_manifest, sha256_file
+from .open_set import Calibration, load_calibration
 from .preprocess import PreprocessConfig
 
 __all__ = ["Bundle", "load_bundle", "load_class_embeddings", "sha256_file"]
@@ -123,6 +124,16 @@ class Bundle:
             return [str(n) for n in prompt_sets.names]
         return ["default"]
 
+    @functools.cached_property
+    def calibration(self) -> Calibration | None:
+        """The held-out calibration images (:mod:`serving.open_set`), or None for a bundle exported without them
+        (open-set fields are then null)."""
+        info = self.model.calibration
+        if info is None:
+            return None
+        return load_calibration(self.root / info.file, num_sets=self.num_prompt_sets, dim=self.embedding_dim,
+                                class_names=self.class_names, keep_rate=info.keep_rate, rule=info.default_rule)
+
     @property
     def text_depends_on_image(self) -> bool:
         """Whether the method's text features depend on the image (never true for a loaded bundle)."""
@@ -154,9 +165,12 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True) -> Bundl
     bundle = Bundle(root=root, model=model, manifest=raw)
     _check_files(bundle, verify_hashes=verify_hashes)
     _check_class_embeddings(bundle)
+    calibration = bundle.calibration  # checked now (shapes, labels), not at the first request
     logger.info(
-        "loaded bundle %s: method=%s, %d classes, D=%d, %d prompt set(s)%s",
+        "loaded bundle %s: method=%s, %d classes, D=%d, %d prompt set(s), %s%s",
         root, bundle.method_name, len(bundle.class_names), bundle.embedding_dim, bundle.num_prompt_sets,
+        f"{calibration.num_images} calibration images" if calibration is not None
+        else "no calibration (open-set answers are null)",
         "" if verify_hashes else " (hashes NOT verified)",
     )
     return bundle
@@ -205,6 +219,8 @@ def _check_files(bundle: Bundle, *, verify_hashes: bool) -> None:
         ("classes", m.classes.file, m.classes.sha256),
         ("text.vocab_file", m.text.vocab_file, m.text.vocab_sha256),
     ]
+    if m.calibration is not None:
+        entries.append(("calibration", m.calibration.file, m.calibration.sha256))
     missing = []
     resolved = []
     for key, rel, expected in entries:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,12 +55,13 @@ from .image_classes import (
     modality_shift_vectors,
 )
 from .manifest import DIGEST_PREFIX, bundle_digest
+from .open_set import OpenSetDecision, OpenSetScorer, check_keep_rate, check_rule, combined_cosines, softmax
 from .preprocess import decode_image, decoded_size, preprocess
 from .runtime import Runtime, create_runtime
 from .tokenizer import ClipTokenizer
 
-__all__ = ["Classifier", "DEFAULT_TOP_K", "open_class_registry", "check_bundle_digest", "DeadlineExceededError",
-           "deadline_scope"]
+__all__ = ["Classifier", "ClassifyResult", "DEFAULT_TOP_K", "open_class_registry", "check_bundle_digest",
+           "DeadlineExceededError", "deadline_scope"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,16 @@ def _check_deadline(what: str) -> None:
                                     "fewer images or class names per request, or retry when the server is less busy")
 
 
+@dataclass(frozen=True)
+class ClassifyResult:
+    """What :meth:`Classifier.classify_detailed` returns: the ranking plus the open-set answers."""
+
+    predictions: list[list[dict]]  # per image, top-k {"name", "score", "logit", "confidence"}
+    classes_version: int | None  # version of the registered list ranked (None for an ad-hoc list)
+    none_of_these: list[bool | None]  # per image; None when the bundle has no calibration (or no basis)
+    open_set: dict | None  # {rule, keep_rate, threshold, basis, num_images}; None without calibration
+
+
 class Classifier:
     """Classify images against the registry's classes or an ad-hoc class list.
 
@@ -122,6 +134,8 @@ class Classifier:
         micro_batching: run the image graph for concurrent calls in shared batches (:mod:`serving.batching`).
         on_image_batch, on_text_encode: observers (metrics): images per image-graph run; texts and seconds per
             text encoding.
+        open_set_rule, keep_rate: server-wide open-set defaults (:mod:`serving.open_set`; ``None``: the bundle's
+            calibration defaults).
     """
 
     def __init__(
@@ -141,6 +155,8 @@ class Classifier:
         micro_batching: bool = False,
         on_image_batch: Callable[[int], None] | None = None,
         on_text_encode: Callable[[int, float], None] | None = None,
+        open_set_rule: str | None = None,
+        keep_rate: float | None = None,
     ) -> None:
         self.bundle = bundle
         self.runtime = runtime
@@ -161,6 +177,11 @@ class Classifier:
         # Keyed like class identity: a name differing from an exported one only in case (CLIP lowercases) or not yet
         # in canonical form gets exactly the exported row.
         self._bundle_rows = {class_name_key(name): i for i, name in enumerate(bundle.class_names)}
+        self.open_set_rule = None if open_set_rule is None else check_rule(open_set_rule, field="open_set_rule")
+        self.keep_rate = None if keep_rate is None else check_keep_rate(keep_rate, field="keep_rate")
+        calibration = bundle.calibration
+        self._open_set = (OpenSetScorer(calibration, self._bundle_embeddings, bundle.logit_scale)
+                          if calibration is not None else None)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()  # name -> [S, D]
         self._cache_size = int(cache_size)
         self._on_image_batch = on_image_batch
@@ -210,6 +231,8 @@ class Classifier:
         on_text_encode: Callable[[int, float], None] | None = None,
         start_empty: bool = False,
         expected_digest: str | None = None,
+        open_set_rule: str | None = None,
+        keep_rate: float | None = None,
     ) -> Classifier:
         """Load the bundle in ``bundle_dir`` and build runtime, tokenizer and registry.
 
@@ -219,6 +242,7 @@ class Classifier:
             warmup: encode the registry's runtime-added classes now rather than on the first request.
             start_empty: see :class:`~serving.classes.ClassRegistry` (a lost state file is refused without it).
             expected_digest: refuse the bundle unless :func:`~serving.manifest.bundle_digest` gives this.
+            open_set_rule, keep_rate: open-set defaults (``None``: the bundle's calibration defaults).
         """
         bundle = load_bundle(bundle_dir, verify_hashes=verify_hashes)
         if expected_digest is not None:
@@ -234,7 +258,7 @@ class Classifier:
         clf = cls(bundle, rt, registry, tokenizer, max_adhoc_classes=max_adhoc_classes, max_add_names=max_add_names,
                   max_image_bytes=max_image_bytes, max_request_pixels=max_request_pixels,
                   max_class_images=max_class_images, micro_batching=micro_batching, on_image_batch=on_image_batch,
-                  on_text_encode=on_text_encode)
+                  on_text_encode=on_text_encode, open_set_rule=open_set_rule, keep_rate=keep_rate)
         if warmup and not clf._stale_image_classes():  # stale ones: logged; requests using them answer 503
             clf._active_classes()
         return clf
@@ -277,7 +301,33 @@ class Classifier:
     ) -> tuple[list[list[dict]], int | None]:
         """:meth:`classify`, and the version of the registered class list it ranked (``None`` for ad-hoc
         ``class_names``)."""
+        result = self.classify_detailed(images, top_k=top_k, class_names=class_names)
+        return result.predictions, result.classes_version
+
+    def classify_detailed(
+        self,
+        images: Sequence[Image.Image],
+        *,
+        top_k: int | None = DEFAULT_TOP_K,
+        class_names: Sequence[str] | None = None,
+        keep_rate: float | None = None,
+        open_set_rule: str | None = None,
+    ) -> ClassifyResult:
+        """:meth:`classify` with the open-set answers (:mod:`serving.open_set`): each prediction's
+        ``confidence``, each image's ``none_of_these`` and the ``open_set`` decision that gave them.
+
+        Args:
+            keep_rate: share of images of listed classes to keep for this call (0 < r <= 1; 1 never answers
+                none_of_these); ``None``: the server's default, else the bundle's.
+            open_set_rule: ``max_cosine`` or ``msp`` for this call; ``None``: the server's default, else the
+                bundle's.
+
+        Raises:
+            RequestError: also for an invalid ``keep_rate`` or ``open_set_rule`` (the field is named).
+        """
         images = list(images)
+        rule = check_rule(open_set_rule) if open_set_rule is not None else None
+        rate = check_keep_rate(keep_rate) if keep_rate is not None else None
         if not images:
             raise RequestError("no images given; send at least one image", field="image")
         version: int | None = None
@@ -286,15 +336,34 @@ class Classifier:
         else:
             names, matrix = self._adhoc_classes(class_names)
         k = self._check_top_k(top_k, len(names))
+        decision = self._open_set_decision(names, matrix, rule, rate)
         results: list[list[dict]] = []
+        none_of_these: list[bool | None] = []
         cfg = self.bundle.preprocessing
         for start in range(0, len(images), IMAGE_BATCH):
             _check_deadline("encoding images")
             pixels = preprocess(images[start:start + IMAGE_BATCH], cfg)
             image_embeds, weights = (self._batcher.encode(pixels) if self._batcher is not None
                                      else self._encode_images(pixels))
-            results.extend(self._rank(image_embeds, weights, names, matrix, k))
-        return results, version
+            ranked, unknown = self._rank(image_embeds, weights, names, matrix, k, decision)
+            results.extend(ranked)
+            none_of_these.extend(unknown)
+        return ClassifyResult(predictions=results, classes_version=version, none_of_these=none_of_these,
+                              open_set=None if decision is None else decision.describe())
+
+    def _open_set_decision(self, names: list[str], matrix: np.ndarray, rule: str | None,
+                           keep_rate: float | None) -> OpenSetDecision | None:
+        """The open-set decision for this class list (None when the bundle has no calibration)."""
+        if self._open_set is None:
+            if rule is not None or keep_rate is not None:
+                logger.debug("open_set_rule / keep_rate given but the bundle has no calibration: open-set fields are "
+                             "null")
+            return None
+        cal = self._open_set.calibration
+        rule = rule or self.open_set_rule or cal.rule
+        keep_rate = keep_rate if keep_rate is not None else (self.keep_rate if self.keep_rate is not None
+                                                             else cal.keep_rate)
+        return self._open_set.decision(names, matrix, rule, keep_rate)
 
     def classify_bytes(self, blobs: Sequence[bytes], **kw: Any) -> list[list[dict]]:
         """:func:`~serving.preprocess.decode_image` each blob, then :meth:`classify` (same keyword arguments)."""
@@ -303,6 +372,10 @@ class Classifier:
     def classify_bytes_versioned(self, blobs: Sequence[bytes], **kw: Any) -> tuple[list[list[dict]], int | None]:
         """:meth:`classify_bytes` and the class list's version (see :meth:`classify_versioned`)."""
         return self.classify_versioned(self._decode_all(blobs), **kw)
+
+    def classify_bytes_detailed(self, blobs: Sequence[bytes], **kw: Any) -> ClassifyResult:
+        """Decode each blob, then :meth:`classify_detailed` (same keyword arguments)."""
+        return self.classify_detailed(self._decode_all(blobs), **kw)
 
     def _decode_all(self, blobs: Sequence[bytes]) -> list[Image.Image]:
         """Decode ``blobs`` as ``/classify`` does: the pixel budget first, then each image's limits (413/400)."""
@@ -364,23 +437,27 @@ class Classifier:
         return int(top_k)
 
     def _rank(self, image_embeds: np.ndarray, weights: np.ndarray | None, names: list[str], matrix: np.ndarray,
-              k: int) -> list[list[dict]]:
-        """Top ``k`` of ``names`` per image; ``image_embeds [B, D]``, ``weights [B, S]`` or None (S == 1),
-        ``matrix [S, C, D]``."""
-        num_sets, num_classes, dim = matrix.shape
-        if weights is None:
-            logits = self._logit_scale * (image_embeds @ matrix[0].T)  # [B, C] float32
-        else:
-            sims = (image_embeds @ matrix.reshape(num_sets * num_classes, dim).T).reshape(-1, num_sets, num_classes)
-            logits = self._logit_scale * np.einsum("bs,bsc->bc", weights, sims)  # [B, C] float32
-        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-        probs = np.exp(shifted)
-        probs /= probs.sum(axis=1, keepdims=True)
-        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        return [
-            [{"name": names[j], "score": float(probs[b, j]), "logit": float(logits[b, j])} for j in order[b]]
-            for b in range(logits.shape[0])
+              k: int, decision: OpenSetDecision | None = None) -> tuple[list[list[dict]], list[bool | None]]:
+        """Top ``k`` of ``names`` per image and each image's ``none_of_these``; ``image_embeds [B, D]``, ``weights
+        [B, S]`` or None (S == 1), ``matrix [S, C, D]``."""
+        cosines = combined_cosines(image_embeds, weights, matrix)  # [B, C] float32
+        logits = self._logit_scale * cosines  # [B, C] float32
+        probs = softmax(logits)  # [B, C] float64
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # [B, k]
+        batch = logits.shape[0]
+        confidence = None
+        unknown: list[bool | None] = [None] * batch
+        if decision is not None:
+            scores = probs if decision.rule == "msp" else cosines.astype(np.float64)  # [B, C]
+            confidence = decision.confidence(np.take_along_axis(scores, order, axis=1))  # [B, k] or None
+            unknown = decision.none_of_these(scores.max(axis=1))
+        ranked = [
+            [{"name": names[j], "score": float(probs[b, j]), "logit": float(logits[b, j]),
+              "confidence": None if confidence is None else float(confidence[b, i])}
+             for i, j in enumerate(order[b])]
+            for b in range(batch)
         ]
+        return ranked, unknown
 
     # -- class embeddings ----------------------------------------------------------------------
 
@@ -727,7 +804,17 @@ class Classifier:
             "num_prompt_sets": self._num_sets,
             "prompt_sets": self.bundle.prompt_set_names,
             "worker_pid": os.getpid(),
+            "open_set": self.open_set_info(),
         }
+
+    def open_set_info(self) -> dict | None:
+        """The calibration behind open-set answers and the defaults in force; None when the bundle has none."""
+        if self._open_set is None:
+            return None
+        cal = self._open_set.calibration
+        return {"calibrated": True, "num_images": cal.num_images, "num_classes": int(len(set(cal.labels.tolist()))),
+                "rule": self.open_set_rule or cal.rule,
+                "keep_rate": self.keep_rate if self.keep_rate is not None else cal.keep_rate}
 
 
 def check_bundle_digest(bundle_dir: str | os.PathLike, expected: str) -> str:

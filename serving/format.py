@@ -36,6 +36,9 @@ manifest.json keys (format_version 1)::
         GraphSpec = {file, sha256, opset, exporter, inputs: [{name, dtype, shape}], outputs: [...]}
     engines: [{graph, file, tensorrt_version, compute_capability, precision}]   (host-specific cache)
     parity: {image: {...}, text: {...}}   measured ORT-vs-torch figures written by export
+    calibration: {file: "calibration.npz", sha256, num_images, num_classes, keep_rate, default_rule}  (optional:
+                   held-out images for open-set answers, :mod:`serving.open_set`; a reader that does not know the
+                   key ignores it with one warning, so it needs no format_version bump)
 
 Format 2 (several prompt sets, e.g. GuiDG's domain experts; single-set bundles are still written as format 1)::
 
@@ -92,8 +95,17 @@ COMBINE_WEIGHTED_SUM = "weighted_sum"
 KNOWN_MANIFEST_KEYS = frozenset({
     "format", "format_version", "min_reader_version", "created_by", "method", "backbone",
     "embedding_dim", "logit_scale", "preprocessing", "text", "classes", "graphs", "engines", "parity",
-    "prompt_sets",
+    "prompt_sets", "calibration",
 })
+
+#: Optional bundle file of held-out labelled images' embeddings (see :mod:`serving.open_set`): ``image_embeds``
+#: float32 [S, N, D] (L2-normalised), ``weights`` float32 [N, S] (multi-set bundles only), ``labels`` int64 [N]
+#: (indices into ``classes.names``). Named by the optional manifest section ``calibration``.
+CALIBRATION_FILE = "calibration.npz"
+#: Scores an open-set rule may use: the best class's cosine (weighted over prompt sets) or its softmax probability.
+OPEN_SET_RULES = ("max_cosine", "msp")
+#: Default share of known images an open-set threshold keeps.
+DEFAULT_KEEP_RATE = 0.95
 
 
 def text_graph_file(prompt_set: int, num_prompt_sets: int) -> str:

@@ -27,6 +27,7 @@ from .format import (
     IMAGE_OUTPUT,
     MANIFEST_FILE,
     MULTI_SET_FORMAT_VERSION,
+    OPEN_SET_RULES,
     READER_VERSION,
     TEXT_INPUT,
     TEXT_OUTPUT,
@@ -38,8 +39,8 @@ from .format import (
 from .preprocess import PreprocessConfig
 
 __all__ = [
-    "BackboneInfo", "BundleManifest", "Capabilities", "ClassesInfo", "EngineSpec", "GRAPH_PRECISIONS", "GraphSpec",
-    "Graphs", "MethodInfo",
+    "BackboneInfo", "BundleManifest", "CalibrationInfo", "Capabilities", "ClassesInfo", "EngineSpec",
+    "GRAPH_PRECISIONS", "GraphSpec", "Graphs", "MethodInfo",
     "Preprocessing", "PromptSets", "TensorSpec", "TextInfo", "bundle_versions", "read_manifest", "sha256_file",
     "write_manifest", "REEXPORT", "bundle_digest", "DIGEST_PREFIX",
 ]
@@ -221,6 +222,19 @@ class PromptSets:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CalibrationInfo:
+    """Optional: held-out labelled images of the exported classes, embedded by the bundle's image graph, from which
+    the service calibrates its open-set ("none of these") threshold (:mod:`serving.open_set`)."""
+
+    file: str
+    sha256: str
+    num_images: int
+    num_classes: int
+    keep_rate: float  # default share of known images kept (0 < r <= 1)
+    default_rule: str  # one of serving.format.OPEN_SET_RULES
+
+
+@dataclass(frozen=True, kw_only=True)
 class Preprocessing(FormatSection):
     """The eval preprocessing the image graph expects; values are checked by :class:`PreprocessConfig` (whose
     defaults apply to the optional keys left out)."""
@@ -262,6 +276,9 @@ class BundleManifest(FormatModel):
     backbone: BackboneInfo | None = field(default=None, metadata={"omit_none": True})
     engines: list[EngineSpec] = field(default_factory=list)
     parity: dict[str, Any] = field(default_factory=dict)
+    #: optional (bundles without it load unchanged and answer open-set fields with null); not a format bump: a
+    #: reader that does not know the key ignores it with one warning
+    calibration: CalibrationInfo | None = field(default=None, metadata={"omit_none": True})
 
     @property
     def num_prompt_sets(self) -> int:
@@ -290,7 +307,24 @@ class BundleManifest(FormatModel):
         for i, spec in enumerate(self.graphs.text):
             _check_io(spec, f"graphs.text[{i}]", TEXT_INPUT, "int64", TEXT_OUTPUT, invalid)
         self._check_prompt_sets(n, invalid)
+        self._check_calibration(invalid)
         self.preprocessing.config()
+
+    def _check_calibration(self, invalid: Invalid) -> None:
+        cal = self.calibration
+        if cal is None:
+            return
+        if not is_int(cal.num_images) or cal.num_images < 1:
+            raise invalid(f"calibration.num_images must be a positive int, got {cal.num_images!r}")
+        if not is_int(cal.num_classes) or not 1 <= cal.num_classes <= len(self.classes.names):
+            raise invalid(f"calibration.num_classes must be an int in 1..{len(self.classes.names)}, "
+                          f"got {cal.num_classes!r}")
+        rate = cal.keep_rate
+        if not _is_number(rate) or not 0 < rate <= 1:
+            raise invalid(f"calibration.keep_rate must be a number in (0, 1], got {rate!r}")
+        if cal.default_rule not in OPEN_SET_RULES:
+            raise invalid(f"calibration.default_rule is {cal.default_rule!r}; this reader knows "
+                          f"{', '.join(OPEN_SET_RULES)}")
 
     def _check_text(self, n: int, invalid: Invalid) -> None:
         text = self.text

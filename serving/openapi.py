@@ -53,6 +53,12 @@ _TOP_K = {"type": "integer", "minimum": 1,
 _CLASSES = {"type": "string",
             "description": "Ad-hoc class list for this request only: a JSON array of names in one field, one "
                            "comma-separated value (`red circle,blue square`), or the field repeated once per name."}
+_KEEP_RATE = {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
+              "description": "Open-set answers: share of images of listed classes to keep (1 never answers "
+                             "none_of_these); default: PROMPTCLIP_KEEP_RATE, else the bundle's calibration."}
+_RULE = {"type": "string", "enum": ["max_cosine", "msp"],
+         "description": "Open-set score: best class's cosine or its softmax probability; default: "
+                        "PROMPTCLIP_OPEN_SET_RULE, else the bundle's calibration."}
 _IMAGE = {"type": "string", "format": "binary", "description": "An image file (JPEG, PNG, WebP, GIF, BMP, TIFF)."}
 
 
@@ -121,12 +127,14 @@ def openapi_document(title: str = "promptclip", version: str = "1") -> dict[str,
     paths: dict[str, Any] = {
         "/classify": {"post": {
             "summary": "Classify one image", "operationId": "classify",
-            "requestBody": _multipart({"image": _IMAGE, "top_k": _TOP_K, "classes": _CLASSES}, ["image"], "image"),
+            "requestBody": _multipart({"image": _IMAGE, "top_k": _TOP_K, "classes": _CLASSES, "keep_rate": _KEEP_RATE,
+                                       "open_set_rule": _RULE}, ["image"], "image"),
             "responses": _responses(ClassifyResponse, _CLASSIFY_ERRORS)}},
         "/classify_batch": {"post": {
             "summary": "Classify several images", "operationId": "classify_batch",
             "requestBody": _multipart({"images": {"type": "array", "minItems": 1, "items": _IMAGE}, "top_k": _TOP_K,
-                                       "classes": _CLASSES}, ["images"], "images"),
+                                       "classes": _CLASSES, "keep_rate": _KEEP_RATE, "open_set_rule": _RULE},
+                                      ["images"], "images"),
             "responses": _responses(ClassifyBatchResponse, _CLASSIFY_ERRORS)}},
         "/classes": {"post": {
             "summary": "The registered class list and its version", "operationId": "classes",

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ClassifyParams", "ClassNamesRequest", "ImageClassParams", "EmptyRequest",
-    "ClassScore", "ClassInfo", "ClassifyResponse", "ClassifyBatchResponse", "ClassListResponse",
+    "ClassScore", "ClassInfo", "OpenSetDecision", "OpenSetInfo", "ClassifyResponse", "ClassifyBatchResponse",
+    "ClassListResponse",
     "AddClassesResponse", "RemoveClassesResponse", "HealthResponse", "ErrorResponse",
 ]
 
@@ -34,6 +35,16 @@ class ClassifyParams(_Request):
         default=None,
         description="Ad-hoc class list for this request only: a JSON array in one form field, one comma-separated "
         "value (`red circle,blue square`), or the field repeated once per name; default: the registered classes.",
+    )
+    keep_rate: float | None = Field(
+        default=None,
+        description="Open-set answers: share of images of listed classes to keep, 0 < keep_rate <= 1 (1 never "
+        "answers none_of_these); default: the server's PROMPTCLIP_KEEP_RATE, else the bundle's calibration.",
+    )
+    open_set_rule: str | None = Field(
+        default=None,
+        description="Open-set score: `max_cosine` (best class's cosine) or `msp` (best class's softmax probability); "
+        "default: the server's PROMPTCLIP_OPEN_SET_RULE, else the bundle's calibration.",
     )
 
 
@@ -62,6 +73,23 @@ class ClassScore(BaseModel):
     name: str
     score: float = Field(description="Softmax probability over the request's class list.")
     logit: float = Field(description="logit_scale * cosine(image, class text).")
+    confidence: float | None = Field(
+        default=None,
+        description="Calibrated score in [0, 1]: the share of held-out images of listed classes whose best score "
+        "(by the open-set rule) is <= this class's score (a conformal p-value); null without calibration.")
+
+
+class OpenSetDecision(BaseModel):
+    """How ``none_of_these`` was decided for this request."""
+
+    rule: str = Field(description="`max_cosine` or `msp`.")
+    keep_rate: float = Field(description="Share of held-out images of listed classes the threshold keeps.")
+    threshold: float | None = Field(description="Best scores below it answer none_of_these (null: keep_rate 1, "
+                                                "or no basis).")
+    basis: str = Field(description="`classes`: held-out images of the listed classes; `bundle`: too few of those, "
+                                   "all held-out images against the bundle's classes (max_cosine only); `none`: no "
+                                   "threshold for this list (msp with too few held-out images of listed classes).")
+    num_images: int = Field(description="Held-out images the threshold comes from.")
 
 
 _VERSION_DOC = ("Version of the registered class list the image(s) were ranked against (null for an ad-hoc "
@@ -73,6 +101,11 @@ class ClassifyResponse(BaseModel):
 
     predictions: list[ClassScore]
     classes_version: int | None = Field(default=None, description=_VERSION_DOC)
+    none_of_these: bool | None = Field(
+        default=None, description="True when the image's best class scores below the open-set threshold: it belongs "
+        "to none of the listed classes. Null when the bundle has no calibration.")
+    open_set: OpenSetDecision | None = Field(default=None, description="The open-set decision; null without "
+                                                                        "calibration.")
 
 
 class ClassifyBatchResponse(BaseModel):
@@ -80,6 +113,10 @@ class ClassifyBatchResponse(BaseModel):
 
     results: list[list[ClassScore]]
     classes_version: int | None = Field(default=None, description=_VERSION_DOC)
+    none_of_these: list[bool | None] = Field(
+        default_factory=list, description="Per image, parallel to `results`: see ClassifyResponse.none_of_these.")
+    open_set: OpenSetDecision | None = Field(default=None, description="The open-set decision; null without "
+                                                                        "calibration.")
 
 
 class ClassInfo(BaseModel):
@@ -118,6 +155,16 @@ class RemoveClassesResponse(BaseModel):
     num_classes: int
 
 
+class OpenSetInfo(BaseModel):
+    """The bundle's calibration for open-set answers and the defaults in force."""
+
+    calibrated: bool
+    num_images: int = Field(description="Held-out calibration images in the bundle.")
+    num_classes: int = Field(description="Classes they cover.")
+    rule: str = Field(description="Default open-set rule.")
+    keep_rate: float = Field(description="Default keep rate.")
+
+
 class HealthResponse(BaseModel):
     """Readiness details."""
 
@@ -132,6 +179,8 @@ class HealthResponse(BaseModel):
     num_prompt_sets: int = Field(default=1, description="Prompt sets (text graphs) whose scores are combined.")
     prompt_sets: list[str] = Field(default_factory=lambda: ["default"], description="Names of the prompt sets.")
     worker_pid: int | None = Field(default=None, description="Process id of the worker that answered.")
+    open_set: OpenSetInfo | None = Field(default=None, description="Calibration for open-set answers; null when "
+                                                                    "the bundle has none (none_of_these is null).")
 
 
 class ErrorResponse(BaseModel):

@@ -6,7 +6,9 @@ configuration (``PROMPTCLIP_*`` environment variables, read when a worker starts
 
 Endpoints (BentoML API routes are all ``POST``):
 
-* ``/classify``: multipart ``image`` (one file), optional ``top_k``, optional ``classes``.
+* ``/classify``: multipart ``image`` (one file), optional ``top_k``, optional ``classes``, optional open-set
+  overrides ``keep_rate`` and ``open_set_rule`` (:mod:`serving.open_set`); answers ``none_of_these`` and each
+  prediction's ``confidence``.
 * ``/classify_batch``: multipart ``images`` (repeated), optional ``top_k`` and ``classes``.
 * ``/classes``: the active class list, with each class's provenance. ``/add_classes``, ``/remove_classes``: JSON
   ``{"names": [...]}``, with ``Authorization: Bearer <token>`` (refused without a configured token unless writes
@@ -41,7 +43,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from .classes import ClassStateError
-from .classifier import Classifier, deadline_scope
+from .classifier import Classifier, ClassifyResult, deadline_scope
 from .errors import AuthError, PromptclipError, RequestError, ServiceConfigError
 from .http_errors import http_status, public_error_response
 from .metrics import ServiceMetrics
@@ -129,7 +131,8 @@ class PromptclipService:
             start_empty=s.start_empty, expected_digest=s.bundle_digest, max_add_names=s.max_add_names,
             max_adhoc_classes=s.max_adhoc_classes, max_request_pixels=s.max_request_pixels,
             max_classes=s.max_classes, max_class_images=s.max_class_images, micro_batching=s.micro_batching,
-            on_image_batch=self.metrics.on_image_batch, on_text_encode=self.metrics.on_text_encode)
+            on_image_batch=self.metrics.on_image_batch, on_text_encode=self.metrics.on_text_encode,
+            open_set_rule=s.open_set_rule, keep_rate=s.keep_rate)
 
     @property
     def classifier(self) -> Classifier:
@@ -210,10 +213,11 @@ class PromptclipService:
         if not hmac.compare_digest(value.strip().encode("utf-8"), token.encode("utf-8")):
             raise AuthError("invalid API token in the Authorization header")
 
-    def _classify(self, parsed: ParsedRequest) -> tuple[list[list[dict]], int | None]:
+    def _classify(self, parsed: ParsedRequest) -> ClassifyResult:
         params = parsed.params
         assert isinstance(params, ClassifyParams)
-        return self.classifier.classify_bytes_versioned(parsed.files, top_k=params.top_k, class_names=params.classes)
+        return self.classifier.classify_bytes_detailed(parsed.files, top_k=params.top_k, class_names=params.classes,
+                                                       keep_rate=params.keep_rate, open_set_rule=params.open_set_rule)
 
     # -- endpoints -----------------------------------------------------------------------------
 
@@ -221,8 +225,9 @@ class PromptclipService:
     def classify(self, parsed: ParsedRequest, ctx: bentoml.Context) -> ClassifyResponse:
         """Classify one image (multipart field ``image``; optional ``top_k``, ``classes``)."""
         def handler(p: ParsedRequest) -> ClassifyResponse:
-            results, version = self._classify(p)
-            return ClassifyResponse(predictions=results[0], classes_version=version)
+            r = self._classify(p)
+            return ClassifyResponse(predictions=r.predictions[0], classes_version=r.classes_version,
+                                    none_of_these=r.none_of_these[0], open_set=r.open_set)
 
         return self._respond(ctx, parsed, handler)
 
@@ -235,8 +240,9 @@ class PromptclipService:
             if len(p.files) > limit:
                 raise RequestError(f"{len(p.files)} images uploaded; one request may carry at most {limit} "
                                    "(PROMPTCLIP_MAX_BATCH_IMAGES) -- split the batch", field="images")
-            results, version = self._classify(p)
-            return ClassifyBatchResponse(results=results, classes_version=version)
+            r = self._classify(p)
+            return ClassifyBatchResponse(results=r.predictions, classes_version=r.classes_version,
+                                         none_of_these=r.none_of_these, open_set=r.open_set)
 
         return self._respond(ctx, parsed, handler)
 

@@ -25,6 +25,9 @@
   (:mod:`serving.batching`); ``0`` runs each request's images alone.
 * ``PROMPTCLIP_MAX_BATCH_IMAGES`` (default 32), ``PROMPTCLIP_RUNTIME`` (``auto``/``ort``),
   ``PROMPTCLIP_THREADS`` (request threads per worker, read when the service module is imported; default 4).
+* ``PROMPTCLIP_OPEN_SET_RULE`` (``max_cosine`` / ``msp``) and ``PROMPTCLIP_KEEP_RATE`` (0 < r <= 1): server-wide
+  defaults of the open-set answers (:mod:`serving.open_set`); unset = the bundle's calibration defaults. A request
+  may override both (form fields ``open_set_rule``, ``keep_rate``).
 * ``PROMPTCLIP_WORKERS``: worker processes (read when the service module is imported; default 1); all of them
   share one class list through ``PROMPTCLIP_STATE_DIR``.
 """
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ServiceConfigError
+from .format import OPEN_SET_RULES
 
 __all__ = ["ServiceSettings", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_BATCH_IMAGES", "DEFAULT_THREADS",
            "max_upload_bytes_from_env", "threads_from_env", "workers_from_env"]
@@ -93,6 +97,8 @@ class ServiceSettings:
     max_request_pixels: int = 40_000_000
     max_classes: int = 10_000
     max_class_images: int = 32
+    open_set_rule: str | None = None
+    keep_rate: float | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -126,7 +132,31 @@ class ServiceSettings:
             max_request_pixels=_env_int(env, "PROMPTCLIP_MAX_REQUEST_PIXELS", cls.max_request_pixels),
             max_classes=_env_int(env, "PROMPTCLIP_MAX_CLASSES", cls.max_classes),
             max_class_images=_env_int(env, "PROMPTCLIP_MAX_CLASS_IMAGES", cls.max_class_images),
+            open_set_rule=_env_rule(env),
+            keep_rate=_env_keep_rate(env),
         )
+
+
+def _env_rule(env: Mapping[str, str]) -> str | None:
+    raw = env.get("PROMPTCLIP_OPEN_SET_RULE", "").strip()
+    if raw and raw not in OPEN_SET_RULES:
+        raise ServiceConfigError(f"PROMPTCLIP_OPEN_SET_RULE={raw!r} is not a rule; set it to one of "
+                                 f"{', '.join(OPEN_SET_RULES)} (or leave it unset for the bundle's default)")
+    return raw or None
+
+
+def _env_keep_rate(env: Mapping[str, str]) -> float | None:
+    raw = env.get("PROMPTCLIP_KEEP_RATE", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # also refuses nan
+        raise ServiceConfigError(f"PROMPTCLIP_KEEP_RATE={raw!r} must be a number with 0 < rate <= 1 (e.g. 0.95: keep "
+                                 "95% of images of listed classes), or unset for the bundle's default")
+    return value
 
 
 def max_upload_bytes_from_env(environ: Mapping[str, str] | None = None) -> int:

@@ -78,6 +78,8 @@ def test_train_eval_export_classify_via_cli(capsys, shapes_root, tmp_path):
     assert main(["classify", "--bundle", str(tmp_path / "bundle"), str(image), "--top-k", "2"]) == 0
     line = json.loads(capsys.readouterr().out.splitlines()[0])
     assert len(line["predictions"]) == 2
+    # export's default calibration is the held-out split of the recorded data root (2 red-circle images here)
+    assert line["open_set"]["rule"] == "max_cosine" and isinstance(line["none_of_these"], bool)
     assert main(["classify", "--bundle", str(tmp_path / "bundle"), str(image), "--top-k", "9"]) == 2
     assert "top_k" in _err(capsys)
 

@@ -39,7 +39,7 @@ def test_classify_ranks_all_classes_like_torch(clf, synthetic_bundle, pil_image)
         assert logits == sorted(logits, reverse=True) and scores == sorted(scores, reverse=True)
         assert sum(scores) == pytest.approx(1.0, abs=1e-6)
         np.testing.assert_allclose(sorted(logits, reverse=True), np.sort(exp)[::-1], atol=1e-3)
-        assert set(row[0]) == {"name", "score", "logit"}
+        assert set(row[0]) == {"name", "score", "logit", "confidence"}
         assert all(isinstance(r["score"], float) and isinstance(r["logit"], float) for r in row)
 
 

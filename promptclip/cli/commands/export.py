@@ -19,11 +19,17 @@ def _worst(entry: Any) -> dict[str, float]:
 def cmd_export(args: argparse.Namespace) -> int:
     path = export_bundle(args.artifact, args.out, class_names=class_list(args), exporter=args.exporter,
                          opset=args.opset, pretrained=args.pretrained, overwrite=args.overwrite,
-                         precision=args.precision, optimize=args.optimize)
+                         precision=args.precision, optimize=args.optimize,
+                         calibration=None if args.calibration == "none" else args.calibration,
+                         keep_rate=args.keep_rate, open_set_rule=args.open_set_rule,
+                         calibration_per_class=args.calibration_per_class)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"bundle: {path}")
     print(f"digest: {bundle_digest(path)}   (pin it: serve/classify --bundle-digest, PROMPTCLIP_BUNDLE_DIGEST)")
     print(json.dumps({"classes": len(manifest["classes"]["names"]),
                       "prompt_sets": (manifest.get("prompt_sets") or {}).get("names", ["default"]),
-                      "parity": {k: _worst(v) for k, v in manifest["parity"].items()}}, indent=2))
+                      "parity": {k: _worst(v) for k, v in manifest["parity"].items()},
+                      "calibration": manifest.get("calibration")}, indent=2))
+    if manifest.get("calibration") is None:
+        print("no open-set calibration: none_of_these will be null (pass --calibration DIR)")
     return 0

@@ -66,7 +66,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if not p.is_file():
             raise PromptclipError(f"image {p} does not exist")
         blobs.append(p.read_bytes())
-    results = clf.classify_bytes(blobs, top_k=args.top_k, class_names=class_list(args))
-    for image, preds in zip(args.images, results):
-        print(json.dumps({"image": image, "predictions": preds}))
+    r = clf.classify_bytes_detailed(blobs, top_k=args.top_k, class_names=class_list(args), keep_rate=args.keep_rate,
+                                    open_set_rule=args.open_set_rule)
+    for image, preds, none in zip(args.images, r.predictions, r.none_of_these):
+        print(json.dumps({"image": image, "predictions": preds, "none_of_these": none, "open_set": r.open_set}))
     return 0

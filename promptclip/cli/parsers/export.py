@@ -27,4 +27,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--optimize", action="store_true",
                    help="run onnxruntime's transformer optimiser (constant folding, fusions) on each graph; the "
                         "optimised graph uses onnxruntime-only operators, so TensorRT engines need a plain export")
+    s.add_argument("--calibration", default="auto", metavar="DIR",
+                   help="held-out labelled images of the exported classes for open-set answers (none_of_these): an "
+                        "image folder (<class>/<image> or test/<class>/<image>; its held-out split is used). Default "
+                        "'auto': the held-out split of the data root the artifact was trained on, when it is on "
+                        "disk; 'none': no calibration (open-set answers are null)")
+    s.add_argument("--keep-rate", type=float, default=0.95,
+                   help="the bundle's default share of images of listed classes kept by the open-set threshold "
+                        "(0 < r <= 1; requests and PROMPTCLIP_KEEP_RATE may override it)")
+    s.add_argument("--open-set-rule", default="max_cosine", choices=["max_cosine", "msp"],
+                   help="the bundle's default open-set score: best class's cosine or its softmax probability")
+    s.add_argument("--calibration-per-class", type=int, default=50,
+                   help="at most this many calibration images per class (a seeded choice)")
     s.set_defaults(handler=(HANDLERS, "cmd_export"))

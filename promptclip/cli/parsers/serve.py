@@ -48,5 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--state-dir")
     s.add_argument("--bundle-digest", default=os.environ.get("PROMPTCLIP_BUNDLE_DIGEST"),
                    help="refuse a bundle whose digest is not this one (default: $PROMPTCLIP_BUNDLE_DIGEST)")
+    s.add_argument("--keep-rate", type=float, default=None,
+                   help="open-set answers: share of images of listed classes kept, 0 < r <= 1 (default: the bundle's)")
+    s.add_argument("--open-set-rule", default=None, choices=["max_cosine", "msp"],
+                   help="open-set score (default: the bundle's)")
     _runtime_options(s)
     s.set_defaults(handler=(HANDLERS, "cmd_classify"))
