@@ -252,11 +252,16 @@ def test_a_bundle_with_calibration_images_shifts_the_prototype(synthetic_bundle,
     ``mean_text`` is the mean of the bundle's class rows; ``modality_shift=False`` turns it off per class."""
     from serving.bundle import load_bundle, load_class_embeddings
     from serving.classifier import open_class_registry
+    from serving.open_set import Calibration
     from serving.runtime import create_runtime
 
     bundle = load_bundle(synthetic_bundle.path)
     calib = np.random.default_rng(0).normal(size=(1, 5, bundle.embedding_dim)).astype(np.float32)
-    object.__setattr__(bundle, "calibration", SimpleNamespace(image_embeds=calib))  # what the export writes
+    calib /= np.linalg.norm(calib, axis=-1, keepdims=True)
+    labels = np.arange(5, dtype=np.int64) % len(bundle.class_names)
+    object.__setattr__(bundle, "calibration", Calibration(  # what the export writes
+        image_embeds=calib, weights=None, labels=labels, class_names=list(bundle.class_names), keep_rate=0.95,
+        rule="max_cosine"))
     registry = open_class_registry(bundle, tmp_path / "state")
     clf = Classifier(bundle, create_runtime(bundle, "ort"), registry, registry.tokenizer)
     clf.add_image_class("gizmo", [image_bytes(7), image_bytes(8)])
