@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from export.bundle import export_bundle
 from promptclip.server import ServerProcess
@@ -83,12 +82,10 @@ def run_demo(out: Path, *, port: int = 0, steps: int = 60, backbone: str = "toy-
                    f"{len(manifest['classes']['names'])} classes (base + new: new names need no training); "
                    f"open-set calibration from {manifest['calibration']['num_images']} held-out images")
 
-    rng = np.random.default_rng(123)
-    probes = {}
-    for color, shape in (("red", "circle"), RUNTIME_CLASS):
-        path = out / f"probe-{color}-{shape}.png"
-        world.render(world.sample_scene(rng, color, shape, style="clean"), style="clean", size=32, rng=rng).save(path)
-        probes[world.class_name(color, shape)] = path
+    # probe images: unseen images drawn like the dataset's (another seed), so the calibration applies to them
+    probe_split = world.write_style_dataset(out / "probes", "clean", classes=[("red", "circle"), RUNTIME_CLASS],
+                                            train_per_class=1, test_per_class=1, seed=123)
+    probes = {probe_split.classnames[s.label]: Path(s.path) for s in probe_split.test}
     added = world.class_name(*RUNTIME_CLASS)
     with ServerProcess(bundle, port=port or None, state_dir=out / "state", log_path=out / "server.log") as server:
         server.wait_ready()
