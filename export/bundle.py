@@ -86,6 +86,7 @@ def export_bundle(
     keep_rate: float = fmt.DEFAULT_KEEP_RATE,
     open_set_rule: str = "max_cosine",
     calibration_per_class: int = calib.DEFAULT_PER_CLASS,
+    calibration_max_images: int = calib.DEFAULT_MAX_IMAGES,
     calibration_seed: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -105,6 +106,8 @@ def export_bundle(
             ``msp``).
         calibration_per_class, calibration_seed: at most this many calibration images per class, chosen with this
             seed.
+        calibration_max_images: about this many calibration images in all at most (the per-class cap is lowered to
+            fit, to at least one per class).
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -136,7 +139,8 @@ def export_bundle(
     picked = None
     if resolved is not None:  # fail on bad calibration data before the slow export
         try:
-            picked = calib.pick(resolved[0], names, per_class=calibration_per_class, seed=calibration_seed)
+            picked = calib.pick(resolved[0], names, per_class=calibration_per_class, seed=calibration_seed,
+                                max_images=calibration_max_images)
         except ExportError as exc:
             if not (isinstance(calibration, str) and calibration == "auto"):
                 raise

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 #: Default cap of calibration images per class.
 DEFAULT_PER_CLASS = 50
+#: Default cap of calibration images in all (a 1,000-class export at 50 per class would embed 50,000 images: about
+#: 40 minutes of ViT-B/16 on a CPU); the per-class cap is lowered to fit it.
+DEFAULT_MAX_IMAGES = 5000
 #: Images per image-graph run.
 _BATCH = 32
 
@@ -79,11 +82,14 @@ def resolve_samples(source: CalibrationSource, recorded_root: str | None) -> tup
 
 
 def pick(samples: Sequence[tuple[str, str]], class_names: Sequence[str], *, per_class: int = DEFAULT_PER_CLASS,
-         seed: int = 0) -> list[tuple[str, int]]:
+         seed: int = 0, max_images: int = DEFAULT_MAX_IMAGES) -> list[tuple[str, int]]:
     """``(path, label)`` of at most ``per_class`` images per exported class (a seeded choice; labels index
-    ``class_names``, matched by :func:`serving.format.class_name_key`); images of other classes are left out."""
+    ``class_names``, matched by :func:`serving.format.class_name_key`); images of other classes are left out. With
+    many classes the per-class cap is lowered (to at least 1) so that about ``max_images`` are embedded in all."""
     if per_class < 1:
         raise ExportError(f"calibration images per class must be >= 1, got {per_class}")
+    if max_images < 1:
+        raise ExportError(f"calibration images in all must be >= 1, got {max_images}")
     label_of = {class_name_key(n): i for i, n in enumerate(class_names)}
     by_label: dict[int, list[str]] = {}
     skipped = 0
@@ -103,6 +109,11 @@ def pick(samples: Sequence[tuple[str, str]], class_names: Sequence[str], *, per_
     if missing:
         log.warning("calibration: no held-out images of %d exported class(es): %s", len(missing),
                     ", ".join(missing[:8]) + ("..." if len(missing) > 8 else ""))
+    if per_class * len(by_label) > max_images:
+        lowered = max(1, max_images // len(by_label))
+        log.info("calibration: %d classes x %d images would exceed %d images in all; taking %d per class "
+                 "(--calibration-max-images)", len(by_label), per_class, max_images, lowered)
+        per_class = lowered
     out: list[tuple[str, int]] = []
     for label in sorted(by_label):
         paths = sorted(by_label[label])

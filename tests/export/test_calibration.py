@@ -120,3 +120,19 @@ def test_an_image_of_no_listed_class_is_none_of_these_on_the_toy_bundle(tmp_path
     known_test = [open(s.path, "rb").read() for s in splits.test]
     kept = clf.classify_bytes_detailed(known_test, keep_rate=0.9, top_k=1).none_of_these
     assert sum(not u for u in kept) == 36  # the calibration images themselves: exactly 90% kept
+
+
+def test_many_classes_lower_the_per_class_cap_to_fit_the_total():
+    """A 1,000-class export must not embed 50 images per class: the per-class cap drops to fit max_images (seeded,
+    at least one per class), and a list within the total keeps the per-class cap."""
+    from export.calibration import pick
+
+    names = [f"class {i}" for i in range(40)]
+    samples = [(f"/d/{n}/{j}.png", n) for n in names for j in range(20)]
+    few = pick(samples, names, per_class=10, max_images=100)
+    assert len(few) == 80 and sorted({label for _, label in few}) == list(range(40))  # 100 // 40 = 2 per class
+    assert few == pick(samples, names, per_class=10, max_images=100)  # seeded
+    assert len(pick(samples, names, per_class=10, max_images=10)) == 40  # never fewer than one per class
+    assert len(pick(samples, names, per_class=3, max_images=5000)) == 120
+    with pytest.raises(ExportError, match="in all"):
+        pick(samples, names, max_images=0)

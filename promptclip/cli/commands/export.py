@@ -22,7 +22,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                          precision=args.precision, optimize=args.optimize,
                          calibration=None if args.calibration == "none" else args.calibration,
                          keep_rate=args.keep_rate, open_set_rule=args.open_set_rule,
-                         calibration_per_class=args.calibration_per_class)
+                         calibration_per_class=args.calibration_per_class,
+                         calibration_max_images=args.calibration_max_images)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"bundle: {path}")
     print(f"digest: {bundle_digest(path)}   (pin it: serve/classify --bundle-digest, PROMPTCLIP_BUNDLE_DIGEST)")

@@ -39,4 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the bundle's default open-set score: best class's cosine or its softmax probability")
     s.add_argument("--calibration-per-class", type=int, default=50,
                    help="at most this many calibration images per class (a seeded choice)")
+    s.add_argument("--calibration-max-images", type=int, default=5000,
+                   help="at most about this many calibration images in all: with many classes the per-class cap is "
+                        "lowered to fit (to at least 1 per class)")
     s.set_defaults(handler=(HANDLERS, "cmd_export"))
