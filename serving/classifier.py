@@ -734,7 +734,8 @@ class Classifier:
             self._image_rows = {n: r for n, r in self._image_rows.items() if n in current}
 
     def add_classes(self, names: Sequence[str]) -> dict:
-        """Register new classes (encoded before they are persisted); ``{"added", "version", "num_classes"}``."""
+        """Register new classes (encoded before they are persisted); ``{"added", "version", "num_classes",
+        "source": "text", "num_images": 0}`` (the same provenance ``/classes`` shows for them)."""
         if isinstance(names, Sequence) and not isinstance(names, (str, bytes)) and len(names) > self.max_add_names:
             raise PayloadTooLargeError(
                 f"{len(names)} names in one request; at most {self.max_add_names} may be added at once "
@@ -743,7 +744,7 @@ class Classifier:
         self._text_embeddings_for(normalised)  # encoder problems surface before the change is persisted
         added, version, num = self.registry.add_versioned(normalised, before_commit=self._drop_orphan_examples,
                                                           after_commit=self._after_change)
-        return {"added": added, "version": version, "num_classes": num}
+        return {"added": added, "version": version, "num_classes": num, "source": SOURCE_TEXT, "num_images": 0}
 
     def remove_classes(self, names: Sequence[str]) -> dict:
         """Unregister classes; ``{"removed", "version", "num_classes"}``."""

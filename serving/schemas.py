@@ -142,9 +142,10 @@ class AddClassesResponse(BaseModel):
     added: list[str]
     version: int
     num_classes: int
-    source: str | None = Field(default=None, description="For a class built from images: 'images' or "
-                               "'text+images' (null for names added by the JSON form).")
-    num_images: int | None = Field(default=None, description="Example images of a class built from images.")
+    source: str | None = Field(default=None, description="Where the added classes' rows come from, as `/classes` "
+                               "shows it: 'text' (names, the JSON form), 'images' or 'text+images'.")
+    num_images: int | None = Field(default=None, description="Example images of a class built from images (0 for "
+                                   "names).")
 
 
 class RemoveClassesResponse(BaseModel):

@@ -92,7 +92,8 @@ def test_adhoc_class_validation(clf, pil_image):
 
 def test_added_class_gets_its_text_encoder_embedding(fresh_clf, synthetic_bundle, pil_image):
     out = fresh_clf.add_classes(["zebra", "  blue   whale "])
-    assert out == {"added": ["zebra", "blue whale"], "version": 2, "num_classes": 8}
+    assert out == {"added": ["zebra", "blue whale"], "version": 2, "num_classes": 8, "source": "text",
+                   "num_images": 0}
     np.testing.assert_allclose(fresh_clf.encode_text(["zebra", "blue whale"]),
                                synthetic_bundle.text_embed(["zebra", "blue whale"]), atol=1e-5)
     images = [pil_image(5), pil_image(6)]

@@ -85,7 +85,7 @@ def test_add_a_class_from_images_over_http_and_classify_with_it(service, image_b
     assert blended.status_code == 200, blended.text
     assert blended.json()["source"] == "text+images"
     by_name = service.post("/add_classes", headers=AUTH, json={"names": ["zebra"]}).json()
-    assert by_name["source"] is None and by_name["num_images"] is None
+    assert by_name["source"] == "text" and by_name["num_images"] == 0  # as /classes shows it
     removed = service.post("/remove_classes", headers=AUTH, json={"names": ["gizmo"]})
     assert removed.status_code == 200, removed.text
     after = {c["name"]: c["source"] for c in service.post("/classes").json()["classes"]}

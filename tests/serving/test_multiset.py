@@ -190,7 +190,7 @@ def test_classify_combines_the_prompt_sets_like_torch(mclf, multiset_bundle, pil
 
 def test_added_class_is_encoded_by_every_prompt_set(fresh_mclf, multiset_bundle, pil_image):
     out = fresh_mclf.add_classes(["zebra"])
-    assert out == {"added": ["zebra"], "version": 2, "num_classes": 7}
+    assert out == {"added": ["zebra"], "version": 2, "num_classes": 7, "source": "text", "num_images": 0}
     encoded = fresh_mclf.encode_text(["zebra", "cat"])
     assert encoded.shape == (2, 3, 32)
     for k in range(3):
