@@ -28,7 +28,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import BundleError, ClassNameError, PromptclipError, RequestError, UnknownClassError
 from .format import CLASS_STATE_FORMAT_VERSION, ClassState, canonical_class_name, class_name_key
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .tokenizer import ClipTokenizer
 
 __all__ = ["ClassRegistry", "ClassStateError", "STATE_FILE", "MARKER_FILE", "MAX_NAME_CHARS",
-           "remove_stale_temp_files"]
+           "remove_stale_temp_files", "replace_file", "file_signature", "fsync_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ class ClassRegistry:
                                "next add/remove rewrites it", path, len(self._names), self._version)
                 self._sig = None
             return False
-        if not force and self._sig == _signature(st):
+        if not force and self._sig == file_signature(st):
             return False
         version, names, sig = self._read_state()
         changed = version != self._version or names != self._names
@@ -442,7 +442,7 @@ class ClassRegistry:
                 logger.warning("class state file %s: %d name(s) became the same class under the class-name rule "
                                "and are kept once", path, len(checked) - len(merged))
             names = merged
-        return version, names, _signature(st)
+        return version, names, file_signature(st)
 
     def _commit_locked(self, names: list[str]) -> None:
         version = self._version + 1
@@ -455,25 +455,12 @@ class ClassRegistry:
         assert self.state_dir is not None and self.state_path is not None
         state = ClassState(format_version=CLASS_STATE_FORMAT_VERSION, version=version, names=names)
         payload = json.dumps(state.to_json(), ensure_ascii=False, indent=1).encode("utf-8")
-        tmp: str | None = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".classes.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.state_path)
-            tmp = None
-            _fsync_dir(self.state_dir)
-            st = os.stat(self.state_path)
+            st = replace_file(self.state_path, lambda fh: fh.write(payload))
         except OSError as exc:
             raise ClassStateError(f"Cannot write class state file {self.state_path}: {exc}; the change was not "
                                   "applied -- check disk space and permissions") from exc
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-        self._sig = _signature(st)
+        self._sig = file_signature(st)
 
     def file_lock(self) -> contextlib.AbstractContextManager[None]:
         """The state directory's exclusive inter-process lock (and this registry's thread lock): what every writer
@@ -538,12 +525,12 @@ def _read_marker(path: Path) -> str:
         return "at an unknown time"
 
 
-def _signature(st: os.stat_result) -> tuple[int, ...]:
-    """What identifies one written version of the state file without reading it."""
+def file_signature(st: os.stat_result) -> tuple[int, ...]:
+    """What identifies one written version of a state file without reading it."""
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename in it is durable (no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -553,3 +540,28 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, write: Callable[[BinaryIO], object]) -> os.stat_result:
+    """Atomically replace ``path`` with what ``write`` writes to a binary file: a temp file ``.<stem>.*.tmp`` in the
+    same directory, flushed and fsynced, renamed over ``path``, the directory fsynced. Returns the new file's stat.
+
+    Raises:
+        OSError: nothing was replaced (the temp file is removed; a killed writer's is removed by
+            :func:`remove_stale_temp_files`).
+    """
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        fsync_dir(path.parent)
+        return os.stat(path)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

@@ -14,12 +14,10 @@ files of a killed writer are removed when a registry opens the directory
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
+from .classes import file_signature, replace_file
 
 __all__ = ["EmbeddingStore", "EMBEDDINGS_FILE", "text_encoder_key"]
 
@@ -66,7 +65,7 @@ class EmbeddingStore:
             st = os.stat(self.path)
         except FileNotFoundError:
             return self._sig is not None
-        return _signature(st) != self._sig
+        return file_signature(st) != self._sig
 
     def load(self) -> dict[str, np.ndarray]:
         """``name -> [S, D]`` of the stored rows; empty when the file is missing, for another text encoder, or
@@ -86,7 +85,7 @@ class EmbeddingStore:
                            "the file rewritten", self.path, type(exc).__name__, exc)
             self._sig = None
             return {}
-        self._sig = _signature(st)
+        self._sig = file_signature(st)
         if key != self.key:
             logger.info("class embeddings file %s was written for another text encoder: re-encoding the runtime "
                         "classes once", self.path)
@@ -103,24 +102,11 @@ class EmbeddingStore:
         names = list(rows)
         emb = (np.stack([np.asarray(rows[n], dtype=np.float32) for n in names]) if names
                else np.zeros((0, self.num_sets, self.dim), dtype=np.float32))
-        tmp: str | None = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".class_embeddings.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, key=np.array(self.key), names=np.array(names, dtype=str), embeddings=emb)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            tmp = None
-            self._sig = _signature(os.stat(self.path))
+            st = replace_file(self.path, lambda fh: np.savez(fh, key=np.array(self.key),
+                                                             names=np.array(names, dtype=str), embeddings=emb))
         except OSError as exc:
             logger.error("cannot write class embeddings file %s (%s); runtime classes will be re-encoded at the "
                          "next start", self.path, exc)
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-
-
-def _signature(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            return
+        self._sig = file_signature(st)

@@ -24,13 +24,11 @@ overwritten.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +38,7 @@ from typing import ClassVar
 import numpy as np
 
 from .bundle import Bundle
-from .classes import ClassStateError
+from .classes import ClassStateError, file_signature, replace_file
 from .format import FormatModel, FormatSection, FormatSpec, is_int
 
 __all__ = ["IMAGES_FILE", "ImageClass", "ImageClassStore", "ImageClassFile", "ImageClassEntry", "image_encoder_key",
@@ -199,7 +197,7 @@ class ImageClassStore:
             st = os.stat(self.path)
         except FileNotFoundError:
             return self._sig is not None
-        return _signature(st) != self._sig
+        return file_signature(st) != self._sig
 
     def load(self) -> dict[str, ImageClass]:
         """``name -> ImageClass`` of the file (empty when there is none).
@@ -245,7 +243,7 @@ class ImageClassStore:
             out[c.name] = ImageClass(c.name, emb[start:start + c.num_images], float(c.text_weight),
                                      bool(c.modality_shift), c.key)
             start += c.num_images
-        self._sig = _signature(st)
+        self._sig = file_signature(st)
         return out
 
     def save(self, classes: Mapping[str, ImageClass]) -> None:
@@ -261,39 +259,13 @@ class ImageClassStore:
         doc = ImageClassFile(format_version=IMAGES_FORMAT_VERSION, dim=self.dim, classes=entries)
         emb = (np.concatenate([np.asarray(c.embeds, dtype=np.float32) for c in classes.values()])
                if classes else np.zeros((0, self.dim), dtype=np.float32))  # [sum n, D]
-        tmp: str | None = None
+        meta = np.array(json.dumps(doc.to_json(), ensure_ascii=False))
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".class_images.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, meta=np.array(json.dumps(doc.to_json(), ensure_ascii=False)), embeddings=emb)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            tmp = None
-            _fsync_dir(self.state_dir)
-            self._sig = _signature(os.stat(self.path))
+            st = replace_file(self.path, lambda fh: np.savez(fh, meta=meta, embeddings=emb))
         except OSError as exc:
             raise ClassStateError(f"Cannot write image-class file {self.path}: {exc}; the change was not applied -- "
                                   "check disk space and permissions") from exc
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-
-
-def _signature(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        self._sig = file_signature(st)
 
 
 def check_image_classes(bundle: Bundle, state_dir: str | os.PathLike, registered: list[str]) -> list[str]:
