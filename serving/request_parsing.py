@@ -110,13 +110,17 @@ class InputSpec(bentoml.IODescriptor):
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> InputSpec:
         try:
-            if cls.file_field is not None:
-                parsed = await cls._parse_multipart(request)
-            else:
-                parsed = await cls._parse_json(request)
+            parsed = await cls._parse(request)
         except PromptclipError as exc:
             parsed = ParsedRequest(error=exc)
         return cls.model_construct(parsed=parsed)
+
+    @classmethod
+    async def _parse(cls, request: Any) -> ParsedRequest:
+        """The request's body: the multipart form of an endpoint with files, else JSON."""
+        if cls.file_field is not None:
+            return await cls._parse_multipart(request)
+        return await cls._parse_json(request)
 
     @classmethod
     async def _parse_json(cls, request: Any) -> ParsedRequest:
@@ -248,15 +252,10 @@ class AddClassesInput(InputSpec):
     params_model = ClassNamesRequest
 
     @classmethod
-    async def from_http_request(cls, request: Any, serde: Any) -> InputSpec:
-        try:
-            if _media_type(request.headers) == "multipart/form-data":
-                parsed = await _ImageClassForm._parse_multipart(request)
-            else:
-                parsed = await cls._parse_json(request)
-        except PromptclipError as exc:
-            parsed = ParsedRequest(error=exc)
-        return cls.model_construct(parsed=parsed)
+    async def _parse(cls, request: Any) -> ParsedRequest:
+        if _media_type(request.headers) == "multipart/form-data":
+            return await _ImageClassForm._parse_multipart(request)
+        return await cls._parse_json(request)
 
 
 class EmptyInput(InputSpec):
