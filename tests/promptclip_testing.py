@@ -64,3 +64,22 @@ def assert_torch_free(statements: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr
+
+
+def toy_zeroshot_bundle(root, classes, *, test_per_class: int, style: str = "clean"):
+    """toy-clip zero-shot on toy-world ``classes`` (1 training step), exported with ``calibration="auto"``: their
+    held-out test images under ``root/known``. Returns ``(bundle path, the dataset's splits)``."""
+    from export.bundle import export_bundle
+    from training.engine import TrainConfig
+    from training.methods import method_config_for_backbone
+    from training.toyworld import world
+    from training.workflow import train_run
+
+    splits = world.write_style_dataset(root / "known", style, classes=classes, train_per_class=1,
+                                       test_per_class=test_per_class, seed=0)
+    cfg = TrainConfig(epochs=1, max_steps=1, batch_size=4, precision="fp32", device="cpu", seed=0)
+    run = train_run(method_name="zeroshot", data_root=root / "known", out_dir=root / "run", backbone_name="toy-clip",
+                    method_config=method_config_for_backbone("zeroshot", "toy-clip"), train_config=cfg, shots=1,
+                    subsample="all", evaluate_splits=False, progress=False)
+    bundle = export_bundle(run.artifact, root / "bundle", exporter="torchscript", calibration="auto", progress=False)
+    return bundle, splits

@@ -92,22 +92,13 @@ def test_an_image_of_no_listed_class_is_none_of_these_on_the_toy_bundle(tmp_path
 
     from PIL import Image
 
-    from training.engine import TrainConfig
-    from training.methods import method_config_for_backbone
+    from promptclip_testing import toy_zeroshot_bundle
     from training.toyworld import world
-    from training.workflow import train_run
 
     known = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star")]
-    splits = world.write_style_dataset(tmp_path / "known", "clean", classes=known, train_per_class=1,
-                                       test_per_class=10, seed=0)
+    out, splits = toy_zeroshot_bundle(tmp_path, known, test_per_class=10)
     left_out = world.write_style_dataset(tmp_path / "left-out", "clean", classes=[("purple", "hexagon")],
                                          train_per_class=1, test_per_class=4, seed=0)
-    cfg = TrainConfig(epochs=1, max_steps=1, batch_size=4, precision="fp32", device="cpu", seed=0)
-    run = train_run(method_name="zeroshot", data_root=tmp_path / "known", out_dir=tmp_path / "run",
-                    backbone_name="toy-clip", method_config=method_config_for_backbone("zeroshot", "toy-clip"),
-                    train_config=cfg, shots=1, subsample="all", evaluate_splits=False, progress=False)
-    out = export_bundle(run.artifact, tmp_path / "bundle", exporter="torchscript", calibration="auto",
-                        progress=False)
     clf = Classifier.from_bundle(out)
     assert clf.bundle.calibration.num_images == 40
     buf = io.BytesIO()

@@ -102,8 +102,12 @@ def test_ui_page_is_self_contained_and_ships_as_package_data():
 @pytest.fixture(scope="module")
 def ui_server(synthetic_bundle, tmp_path_factory) -> Iterator[ServerProcess]:
     """``bentoml serve`` on the synthetic bundle with a token and a state dir (writes need the token)."""
-    tmp = tmp_path_factory.mktemp("ui-server")
-    with ServerProcess(synthetic_bundle.path, state_dir=tmp / "state", token=TOKEN, log_path=tmp / "server.log",
+    yield from _serve(synthetic_bundle.path, tmp_path_factory.mktemp("ui-server"))
+
+
+def _serve(bundle: Path, tmp: Path) -> Iterator[ServerProcess]:
+    """A real ``bentoml serve`` on ``bundle`` with :data:`TOKEN` and a state dir under ``tmp``, until closed."""
+    with ServerProcess(bundle, state_dir=tmp / "state", token=TOKEN, log_path=tmp / "server.log",
                        extra_env={"PYTHONPATH": str(REPO_ROOT)}) as server:
         server.wait_ready(timeout=120)
         yield server
@@ -286,22 +290,13 @@ class CalibratedToy:
 @pytest.fixture(scope="module")
 def calibrated_toy(chromium, tmp_path_factory) -> CalibratedToy:
     """Train (1 step, zero-shot) and export (TorchScript, ``calibration="auto"``: the 40 held-out known images)."""
-    from export.bundle import export_bundle
-    from training.engine import TrainConfig
-    from training.methods import method_config_for_backbone
+    from promptclip_testing import toy_zeroshot_bundle
     from training.toyworld import world
-    from training.workflow import train_run
 
     tmp = tmp_path_factory.mktemp("calibrated-toy")
-    known = world.write_style_dataset(tmp / "known", "clean", classes=KNOWN_CLASSES, train_per_class=1,
-                                      test_per_class=10, seed=0)
+    bundle, known = toy_zeroshot_bundle(tmp, KNOWN_CLASSES, test_per_class=10)
     left_out = world.write_style_dataset(tmp / "left-out", "clean", classes=[LEFT_OUT],
                                          train_per_class=NUM_EXAMPLES, test_per_class=1, seed=0)
-    cfg = TrainConfig(epochs=1, max_steps=1, batch_size=4, precision="fp32", device="cpu", seed=0)
-    run = train_run(method_name="zeroshot", data_root=tmp / "known", out_dir=tmp / "run", backbone_name="toy-clip",
-                    method_config=method_config_for_backbone("zeroshot", "toy-clip"), train_config=cfg, shots=1,
-                    subsample="all", evaluate_splits=False, progress=False)
-    bundle = export_bundle(run.artifact, tmp / "bundle", exporter="torchscript", calibration="auto", progress=False)
     red_circle = next(s.path for s in known.test if "red_circle" in str(s.path))
     return CalibratedToy(Path(bundle), [Path(s.path) for s in left_out.train], Path(left_out.test[0].path),
                          Path(red_circle))
@@ -309,11 +304,7 @@ def calibrated_toy(chromium, tmp_path_factory) -> CalibratedToy:
 
 @pytest.fixture(scope="module")
 def calibrated_server(calibrated_toy, tmp_path_factory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("calibrated-server")
-    with ServerProcess(calibrated_toy.bundle, state_dir=tmp / "state", token=TOKEN, log_path=tmp / "server.log",
-                       extra_env={"PYTHONPATH": str(REPO_ROOT)}) as server:
-        server.wait_ready(timeout=120)
-        yield server
+    yield from _serve(calibrated_toy.bundle, tmp_path_factory.mktemp("calibrated-server"))
 
 
 def _pct(x: float) -> str:
